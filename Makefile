@@ -1,0 +1,44 @@
+# dream-ood: every target runs tools/bootstrap first, because torch-sys cannot even `cargo check` without
+# libtorch in .deps/ (see README "Building").
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+
+.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps
+
+all: build
+
+bootstrap:
+	@$(PYTHON) tools/bootstrap
+
+build: bootstrap
+	$(CARGO) build --release
+
+## `make doctor`: what this machine can do, with a real smoke run of libtorch and ONNX Runtime.
+doctor: build
+	./target/release/dream-ood doctor
+
+lint: bootstrap
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## `make test`: what CI runs (.ci/run).
+test: lint
+	$(CARGO) test
+
+## GPU build (CUDA machines): full CUDA torch + onnxruntime-gpu in .deps/gpu, cuda and tensorrt features,
+## libtorch_cuda linked in (build.rs). Binary: target/gpu/release/dream-ood.
+build-gpu:
+	@$(PYTHON) tools/bootstrap --gpu
+	LIBTORCH=$(CURDIR)/.deps/gpu/torch \
+	ORT_DYLIB_PATH=$(CURDIR)/.deps/gpu/onnxruntime/capi/libonnxruntime.so.1.31.1 \
+	CARGO_TARGET_DIR=$(CURDIR)/target/gpu \
+	$(CARGO) build --release --features cuda,tensorrt
+
+## Python venv for the fixture makers in tools/ (not needed to build or test).
+fixtures-venv:
+	$(PYTHON) -m venv .deps/venv
+	.deps/venv/bin/pip install -q -r tools/requirements-fixtures.txt
+
+clean-deps:
+	rm -rf .deps

@@ -1,0 +1,398 @@
+//! The TOML configuration of a dream-ood run: one table per stage, strict, with the paper's defaults.
+//!
+//! Parsing has two steps, as ripgrep does with its arguments: serde maps the file onto the raw structs below
+//! (`deny_unknown_fields` everywhere, so a misspelt key is an error, not a silently ignored setting), then
+//! [`Config::validate`] checks ranges and resolves paths. Every error names the file, the line and the dotted
+//! key path, and for an unknown key the nearest valid one:
+//!
+//! ```text
+//! configs/demo.toml:7: sample.sigm: unknown key; did you mean `sigma`? (valid keys: mode, inliers, k, …)
+//! ```
+//!
+//! Tables that exist today: `[run]` (shared settings) and `[sample]` (stage 2). The other stages add their
+//! table here when they land, each as one struct with documented defaults.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Settings shared by every stage.
+    pub run: RunConfig,
+    /// Stage 2: outlier / inlier embedding sampling.
+    pub sample: SampleConfig,
+}
+
+/// `[run]`: where results go, the seed and the compute device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Run folder for every stage's outputs. Relative paths are taken from the config file's folder.
+    /// Default `runs/default`.
+    pub out_dir: PathBuf,
+    /// Global seed; every random choice of every stage derives from it. Default 0.
+    pub seed: u64,
+    /// Compute device for the libtorch stages: `"auto"` (CUDA when available, logged), `"cpu"`, `"cuda"` or
+    /// `"cuda:N"`. An explicit CUDA device fails when CUDA is missing. Default `"auto"`.
+    pub device: String,
+    /// Worker threads for CPU work; 0 means all available cores. Results never depend on it. Default 0.
+    pub threads: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            out_dir: PathBuf::from("runs/default"),
+            seed: 0,
+            device: "auto".to_owned(),
+            threads: 0,
+        }
+    }
+}
+
+/// Which reading of the official stage-2 code to run (SPEC §2 and §7 items 1–5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleMode {
+    /// The method as the paper describes it, with the official code's bugs fixed (the default).
+    #[default]
+    Intended,
+    /// Bit-for-bit the official `get_embed_*.py` behaviour, bugs included, to reproduce released files.
+    Official,
+}
+
+/// `[sample]`: stage 2, kNN boundary sampling of outlier (or inlier) embeddings. Defaults are the CIFAR-100
+/// outlier settings of the official code (`scripts/get_embed_cifar100.py:L17-L20,L42,L61-L69`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SampleConfig {
+    /// `intended` (default) or `official`.
+    pub mode: SampleMode,
+    /// Sample inliers (near class centres) instead of outliers. Default false.
+    pub inliers: bool,
+    /// k of the kNN distance that ranks boundary points and filters candidates. Default 300.
+    pub k: usize,
+    /// Boundary points selected per class (largest k-th neighbour distance). Default 50.
+    pub select: usize,
+    /// Candidates kept per boundary point after the kNN filter. Default 2.
+    pub keep: usize,
+    /// Standard deviation of the Gaussian perturbation on the unit sphere. Default 0.07 (ImageNet-100: 0.03).
+    pub sigma: f64,
+    /// Gaussian draws per boundary point. Default 1500.
+    pub candidates: usize,
+    /// Embeddings written per class. Default 10000.
+    pub per_class: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        SampleConfig {
+            mode: SampleMode::Intended,
+            inliers: false,
+            k: 300,
+            select: 50,
+            keep: 2,
+            sigma: 0.07,
+            candidates: 1500,
+            per_class: 10_000,
+        }
+    }
+}
+
+/// A compute device named in a config or on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA when libtorch sees a GPU, else CPU; the choice is logged.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device \"{s}\"; expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths in it are resolved against its folder.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut config = Config::parse(&text, path)?;
+        config.validate(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.run.out_dir.is_relative() {
+            config.run.out_dir = base.join(&config.run.out_dir);
+        }
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` is used only in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let de = toml::de::Deserializer::parse(text).map_err(|e| toml_error(text, path, "", &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            toml_error(text, path, &key, e.inner())
+        })
+    }
+
+    /// Checks ranges and cross-field rules; errors name the key path and the line.
+    pub fn validate(&self, text: &str, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: String| Error::Config {
+            path: path.to_owned(),
+            line: key_line(text, key),
+            key: key.to_owned(),
+            msg,
+        };
+        if let Err(msg) = self.run.device.parse::<DeviceSpec>() {
+            return Err(bad("run.device", msg));
+        }
+        let s = &self.sample;
+        for (key, value) in [
+            ("sample.k", s.k),
+            ("sample.select", s.select),
+            ("sample.keep", s.keep),
+            ("sample.candidates", s.candidates),
+            ("sample.per_class", s.per_class),
+        ] {
+            if value == 0 {
+                return Err(bad(key, "must be at least 1, got 0".to_owned()));
+            }
+        }
+        if !(s.sigma.is_finite() && s.sigma > 0.0) {
+            return Err(bad(
+                "sample.sigma",
+                format!("must be a positive number, got {}", s.sigma),
+            ));
+        }
+        if s.keep > s.candidates {
+            return Err(bad(
+                "sample.keep",
+                format!(
+                    "keeps {} of {} candidates per boundary point; keep must not exceed candidates",
+                    s.keep, s.candidates
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Turns a toml/serde error into [`Error::Config`] with the line, the key path and, for unknown keys, the
+/// nearest valid one.
+fn toml_error(text: &str, path: &Path, key_path: &str, err: &toml::de::Error) -> Error {
+    let line = err.span().map(|span| line_of_offset(text, span.start));
+    let message = err.message().trim();
+    let (key, msg) = match unknown_field(message) {
+        Some((unknown, valid)) => {
+            // serde_path_to_error's path already ends with the unknown key.
+            let key = if key_path.is_empty() {
+                unknown.clone()
+            } else {
+                key_path.to_owned()
+            };
+            let nearest = valid
+                .iter()
+                .map(|v| (strsim::jaro_winkler(&unknown, v), v))
+                .filter(|(score, _)| *score >= 0.7)
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            let hint = match nearest {
+                Some((_, v)) => format!("; did you mean `{v}`?"),
+                None => String::new(),
+            };
+            (
+                key,
+                format!("unknown key{hint} (valid keys: {})", valid.join(", ")),
+            )
+        }
+        None => {
+            let key = if key_path.is_empty() {
+                "(document)".to_owned()
+            } else {
+                key_path.to_owned()
+            };
+            (key, message.to_owned())
+        }
+    };
+    Error::Config {
+        path: path.to_owned(),
+        line,
+        key,
+        msg,
+    }
+}
+
+/// Parses serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a`", or "there are no
+/// fields") into the unknown name and the valid ones.
+fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let (unknown, rest) = rest.split_once('`')?;
+    let valid = rest
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    Some((unknown.to_owned(), valid))
+}
+
+/// 1-based line number of a byte offset.
+fn line_of_offset(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Line of the value at a dotted key path, when the key is in the file (defaults have no line).
+fn key_line(text: &str, key_path: &str) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut parts = key_path.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(line_of_offset(text, value.span().start));
+        }
+        table = value.get_ref().as_table()?;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> String {
+        let config = Config::parse(text, Path::new("c.toml"));
+        match config.and_then(|c| c.validate(text, Path::new("c.toml"))) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_paper_defaults() {
+        let config = Config::parse("", Path::new("c.toml")).unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.sample.k, 300);
+        assert_eq!(config.sample.sigma, 0.07);
+        config.validate("", Path::new("c.toml")).unwrap();
+    }
+
+    #[test]
+    fn values_are_read() {
+        let text =
+            "[run]\nseed = 7\ndevice = \"cuda:1\"\n[sample]\nmode = \"official\"\nsigma = 0.03\n";
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        assert_eq!(config.run.seed, 7);
+        assert_eq!(
+            config.run.device.parse::<DeviceSpec>(),
+            Ok(DeviceSpec::Cuda(1))
+        );
+        assert_eq!(config.sample.mode, SampleMode::Official);
+        assert_eq!(config.sample.sigma, 0.03);
+    }
+
+    #[test]
+    fn misspelt_key_names_path_line_and_nearest() {
+        let msg = parse_err("[run]\nseed = 1\n\n[sample]\nk = 5\nsigm = 0.1\n");
+        assert_eq!(
+            msg,
+            "c.toml:6: sample.sigm: unknown key; did you mean `sigma`? (valid keys: mode, inliers, k, select, \
+             keep, sigma, candidates, per_class)"
+        );
+    }
+
+    #[test]
+    fn misspelt_table_suggests_table() {
+        let msg = parse_err("[sampel]\nk = 5\n");
+        assert!(
+            msg.starts_with("c.toml:1: sampel: unknown key; did you mean `sample`?"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn far_off_key_gets_no_guess() {
+        let msg = parse_err("[run]\nzzzzqqq = 1\n");
+        assert!(
+            msg.contains("run.zzzzqqq: unknown key (valid keys: out_dir, seed, device, threads)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_key_and_line() {
+        let msg = parse_err("[sample]\n\nk = \"many\"\n");
+        assert!(
+            msg.starts_with("c.toml:3: sample.k: invalid type: string \"many\""),
+            "{msg}"
+        );
+        assert!(msg.contains("usize") || msg.contains("integer"), "{msg}");
+    }
+
+    #[test]
+    fn bad_enum_lists_variants() {
+        let msg = parse_err("[sample]\nmode = \"paper\"\n");
+        assert!(
+            msg.starts_with("c.toml:2: sample.mode: unknown variant `paper`"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("intended") && msg.contains("official"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let msg = parse_err("[run]\nseed = \n");
+        assert!(msg.starts_with("c.toml:2: (document):"), "{msg}");
+    }
+
+    #[test]
+    fn range_errors_name_key_and_line() {
+        assert_eq!(
+            parse_err("[sample]\nsigma = -0.5\n"),
+            "c.toml:2: sample.sigma: must be a positive number, got -0.5"
+        );
+        assert_eq!(
+            parse_err("[sample]\n\nk = 0\n"),
+            "c.toml:3: sample.k: must be at least 1, got 0"
+        );
+        assert_eq!(
+            parse_err("[run]\ndevice = \"gpu\"\n"),
+            "c.toml:2: run.device: unknown device \"gpu\"; expected auto, cpu, cuda or cuda:N"
+        );
+    }
+
+    #[test]
+    fn device_spec_parses() {
+        assert_eq!("auto".parse(), Ok(DeviceSpec::Auto));
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+}

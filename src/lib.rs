@@ -1,0 +1,29 @@
+//! dream-ood: the Dream-OOD method (Du et al., NeurIPS 2023, "Dream the Impossible: Outlier Imagination
+//! with Diffusion Models") as a toolkit: imagine outliers with Stable Diffusion, train OOD detectors on them,
+//! evaluate them and ship them.
+//!
+//! ```text
+//!  ID images ─► [1 latent]   encoder aligned to the CLIP token embeddings of the class names   (libtorch)
+//!                  │ feature bank [C, N, D] (.npy)
+//!                  ▼
+//!             [2 sample]    kNN boundary points → Gaussian perturbation → kNN filter            (libtorch)
+//!                  │ outlier embeddings [C, M, D] (.npy)
+//!                  ▼
+//!             [3 generate]  SD text encoder with the class token replaced → UNet loop → VAE     (ONNX Runtime)
+//!                  │ outlier images + manifest.jsonl
+//!                  ▼
+//!             [4 train]     classifier with the energy regulariser (ID = 1, outlier = 0)        (libtorch)
+//!             [5 eval]      scores → FPR95 / AUROC / AUPR → report
+//!             [6 export]    detector → ONNX;  [7 score / serve] with ONNX Runtime
+//! ```
+//!
+//! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
+//! devices, `doctor`), [`progress`] (progress events) and [`error`]. The stage modules arrive with their
+//! issues; the README's status table says which.
+
+pub mod config;
+pub mod error;
+pub mod progress;
+pub mod runtime;
+
+pub use error::{Error, Result};

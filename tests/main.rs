@@ -1,0 +1,13 @@
+//! Integration tests, built as one binary. Each module runs the real `dream-ood` binary or the library's
+//! public API; fixtures are under `tests/fixtures/<topic>/`, each with the `tools/` script that made it.
+
+mod common;
+
+/// `dream-ood config check`: valid files, and the errors for bad ones (file, line, key path, nearest key).
+mod config_check;
+
+/// `dream-ood doctor`: the report, running outside cargo, and the error for a missing ONNX Runtime.
+mod doctor;
+
+/// libtorch and ONNX Runtime in one process, through the library, concurrently and in sequence.
+mod runtimes;
