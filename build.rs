@@ -9,6 +9,8 @@
 //! - ONNX Runtime is loaded at run time (`ort` with `load-dynamic`). The absolute path of the library at
 //!   build time is baked in as `DREAM_OOD_ORT_DYLIB`, so the binary finds it from any directory;
 //!   `ORT_DYLIB_PATH` at run time overrides it.
+//! - The vendored `src/onnx/proto/onnx.proto` is compiled to prost types (`$OUT_DIR/onnx.rs`) with protox, a
+//!   pure-Rust protobuf compiler, so no `protoc` binary is needed.
 use std::env;
 use std::path::PathBuf;
 
@@ -16,6 +18,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=ORT_DYLIB_PATH");
     println!("cargo:rerun-if-changed=build.rs");
+    compile_onnx_proto();
 
     // torch-sys has already failed with its own message when LIBTORCH is unset; repeat the fix here.
     let libtorch = env::var("LIBTORCH").unwrap_or_else(|_| {
@@ -37,4 +40,14 @@ fn main() {
         "cargo:rustc-env=DREAM_OOD_LIBTORCH_BUILD={}",
         version.trim()
     );
+}
+
+fn compile_onnx_proto() {
+    const PROTO: &str = "src/onnx/proto/onnx.proto";
+    println!("cargo:rerun-if-changed={PROTO}");
+    let descriptors =
+        protox::compile([PROTO], ["src/onnx/proto"]).unwrap_or_else(|e| panic!("{PROTO}: {e}"));
+    prost_build::Config::new()
+        .compile_fds(descriptors)
+        .unwrap_or_else(|e| panic!("generating Rust types from {PROTO}: {e}"));
 }

@@ -49,6 +49,11 @@ pub enum Error {
         source: ort::Error,
     },
 
+    /// An ONNX model is malformed, or lacks the structure an operation needs; `what` names the file or
+    /// graph element.
+    #[error("{what}: {msg}")]
+    Onnx { what: String, msg: String },
+
     /// A libtorch call failed; `op` says which.
     #[error("libtorch: {op}: {source}")]
     Torch {

@@ -23,6 +23,8 @@
 
 pub mod config;
 pub mod error;
+pub mod nn;
+pub mod onnx;
 pub mod progress;
 pub mod runtime;
 

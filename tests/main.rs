@@ -11,3 +11,9 @@ mod doctor;
 
 /// libtorch and ONNX Runtime in one process, through the library, concurrently and in sequence.
 mod runtimes;
+
+/// The stage-3 text-encoder graph edit (token lookup → `inputs_embeds`) on an exported CLIP encoder.
+mod text_encoder;
+
+/// `src/nn/` ResNets against PyTorch: parameter names and shapes, outputs for formula-filled weights, init.
+mod nn;

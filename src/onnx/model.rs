@@ -1,0 +1,288 @@
+//! Reading and writing `.onnx` files, and reading initializer data.
+//!
+//! Models above 2 GB keep their weights in external data files (`model.onnx_data`, `weights.pb`) that the
+//! `TensorProto` points to with `location` / `offset` / `length`; [`tensor_f32`] follows those pointers,
+//! relative to the model's folder, as ONNX Runtime does.
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+use super::proto::{ModelProto, TensorProto, tensor_proto};
+use crate::error::{Error, Result};
+
+/// Reads and decodes an ONNX model file (weights held in external files stay there).
+pub fn load_model(path: &Path) -> Result<ModelProto> {
+    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+    ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Onnx {
+        what: path.display().to_string(),
+        msg: format!("not a valid ONNX model: {e}"),
+    })
+}
+
+/// Encodes a model into bytes.
+pub fn encode_model(model: &ModelProto) -> Vec<u8> {
+    model.encode_to_vec()
+}
+
+/// Writes a model atomically: into a temporary file beside `path`, then renamed over it.
+pub fn save_model(model: &ModelProto, path: &Path) -> Result<()> {
+    write_atomic(path, &encode_model(model))
+}
+
+/// Writes bytes to `path` through a temporary file in the same folder and a rename, so a reader never sees
+/// a half-written file and a crash leaves the old file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+/// The dims of a tensor as `usize`, rejecting negative ones.
+pub fn tensor_dims(tensor: &TensorProto) -> Result<Vec<usize>> {
+    tensor
+        .dims
+        .iter()
+        .map(|&d| {
+            usize::try_from(d).map_err(|_| Error::Onnx {
+                what: format!("tensor `{}`", tensor.name()),
+                msg: format!("negative dimension {d} in {:?}", tensor.dims),
+            })
+        })
+        .collect()
+}
+
+/// The values of a float32 or float16 tensor as f32, from inline data or an external data file (resolved
+/// against `model_dir`).
+pub fn tensor_f32(tensor: &TensorProto, model_dir: &Path) -> Result<Vec<f32>> {
+    let what = || format!("tensor `{}`", tensor.name());
+    let count: usize = tensor_dims(tensor)?.iter().product();
+    let elem = tensor_proto::DataType::try_from(tensor.data_type()).ok();
+    let width = match elem {
+        Some(tensor_proto::DataType::Float) => 4,
+        Some(tensor_proto::DataType::Float16) => 2,
+        _ => {
+            return Err(Error::Onnx {
+                what: what(),
+                msg: format!(
+                    "expected float32 or float16 data, found data type {}",
+                    tensor.data_type()
+                ),
+            });
+        }
+    };
+    let raw: Vec<u8> = if tensor.data_location() == tensor_proto::DataLocation::External {
+        read_external(tensor, model_dir, count * width)?
+    } else if !tensor.raw_data().is_empty() {
+        tensor.raw_data().to_vec()
+    } else if width == 4 {
+        // Typed storage: float_data holds the floats themselves.
+        return check_count(tensor.float_data.clone(), count, &what());
+    } else {
+        // float16 in typed storage: int32_data holds the bit patterns, one per element.
+        let values = tensor
+            .int32_data
+            .iter()
+            .map(|&b| half::f16::from_bits(b as u16).to_f32())
+            .collect();
+        return check_count(values, count, &what());
+    };
+    if raw.len() != count * width {
+        return Err(Error::Onnx {
+            what: what(),
+            msg: format!(
+                "holds {} bytes, expected {} ({count} values of {width} bytes)",
+                raw.len(),
+                count * width
+            ),
+        });
+    }
+    Ok(if width == 4 {
+        raw.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    } else {
+        raw.chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect()
+    })
+}
+
+fn check_count(values: Vec<f32>, count: usize, what: &str) -> Result<Vec<f32>> {
+    if values.len() == count {
+        Ok(values)
+    } else {
+        Err(Error::Onnx {
+            what: what.to_owned(),
+            msg: format!("holds {} values, its dims say {count}", values.len()),
+        })
+    }
+}
+
+/// Reads `len` bytes of an externally stored tensor.
+fn read_external(tensor: &TensorProto, model_dir: &Path, len: usize) -> Result<Vec<u8>> {
+    let what = format!("tensor `{}`", tensor.name());
+    let field = |key: &str| {
+        tensor
+            .external_data
+            .iter()
+            .find(|e| e.key() == key)
+            .map(|e| e.value().to_owned())
+    };
+    let location = field("location").ok_or_else(|| Error::Onnx {
+        what: what.clone(),
+        msg: "external data without a `location`".to_owned(),
+    })?;
+    let parse = |key: &str| -> Result<Option<u64>> {
+        field(key)
+            .map(|v| {
+                v.parse().map_err(|_| Error::Onnx {
+                    what: what.clone(),
+                    msg: format!("external data `{key}` is not a number: {v:?}"),
+                })
+            })
+            .transpose()
+    };
+    let offset = parse("offset")?.unwrap_or(0);
+    if let Some(stored) = parse("length")?
+        && stored != len as u64
+    {
+        return Err(Error::Onnx {
+            what,
+            msg: format!("external data length {stored} bytes, its dims and type need {len}"),
+        });
+    }
+    let path: PathBuf = model_dir.join(&location);
+    let mut file = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    file.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(&path, e))?;
+    let mut buf = vec![0u8; len];
+    file.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::StringStringEntryProto;
+
+    fn float_tensor(name: &str, dims: &[i64]) -> TensorProto {
+        TensorProto {
+            name: Some(name.to_owned()),
+            dims: dims.to_vec(),
+            data_type: Some(tensor_proto::DataType::Float as i32),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reads_raw_typed_and_half_data() {
+        let dir = Path::new(".");
+        let mut t = float_tensor("w", &[2, 2]);
+        t.raw_data = Some(
+            [1.0f32, -2.0, 0.5, 8.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
+        assert_eq!(tensor_f32(&t, dir).unwrap(), [1.0, -2.0, 0.5, 8.0]);
+
+        let mut t = float_tensor("w", &[3]);
+        t.float_data = vec![3.0, 4.0, 5.0];
+        assert_eq!(tensor_f32(&t, dir).unwrap(), [3.0, 4.0, 5.0]);
+
+        let mut t = float_tensor("h", &[2]);
+        t.data_type = Some(tensor_proto::DataType::Float16 as i32);
+        t.raw_data = Some(
+            [half::f16::from_f32(1.5), half::f16::from_f32(-0.25)]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
+        assert_eq!(tensor_f32(&t, dir).unwrap(), [1.5, -0.25]);
+    }
+
+    #[test]
+    fn wrong_size_and_type_are_errors_naming_the_tensor() {
+        let mut t = float_tensor("token_embedding", &[2, 2]);
+        t.raw_data = Some(vec![0; 12]);
+        let err = tensor_f32(&t, Path::new(".")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "tensor `token_embedding`: holds 12 bytes, expected 16 (4 values of 4 bytes)"
+        );
+        t.data_type = Some(tensor_proto::DataType::Int64 as i32);
+        let err = tensor_f32(&t, Path::new(".")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "tensor `token_embedding`: expected float32 or float16 data, found data type 7"
+        );
+    }
+
+    #[test]
+    fn reads_external_data_at_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = vec![0xAAu8; 8];
+        bytes.extend([7.0f32, 9.0].iter().flat_map(|v| v.to_le_bytes()));
+        fs::write(dir.path().join("model.onnx_data"), &bytes).unwrap();
+        let mut t = float_tensor("w", &[2]);
+        t.data_location = Some(tensor_proto::DataLocation::External as i32);
+        let entry = |k: &str, v: &str| StringStringEntryProto {
+            key: Some(k.to_owned()),
+            value: Some(v.to_owned()),
+        };
+        t.external_data = vec![
+            entry("location", "model.onnx_data"),
+            entry("offset", "8"),
+            entry("length", "8"),
+        ];
+        assert_eq!(tensor_f32(&t, dir.path()).unwrap(), [7.0, 9.0]);
+        t.external_data[0] = entry("location", "missing.bin");
+        let err = tensor_f32(&t, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("missing.bin: No such file"), "{err}");
+    }
+
+    #[test]
+    fn save_is_atomic_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        let mut model = ModelProto {
+            ir_version: Some(8),
+            ..Default::default()
+        };
+        save_model(&model, &path).unwrap();
+        model.producer_name = Some("dream-ood".to_owned());
+        save_model(&model, &path).unwrap();
+        assert_eq!(load_model(&path).unwrap(), model);
+        let leftovers: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, ["m.onnx"]);
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.onnx");
+        fs::write(&path, b"\xff\xff\xff not protobuf").unwrap();
+        let err = load_model(&path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("{}: not a valid ONNX model", path.display())),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! The ResNets of `src/nn/` against PyTorch (`tools/make_resnet_fixtures.py`): the same parameter names and
+//! shapes as the PyTorch modules, and the same features and logits for the same weights and input.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use dream_ood::nn::{Depth, ResNetConfig, ResNetWithHead, Stem};
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/nn")
+        .join(name)
+}
+
+/// The fill formula of `tools/make_resnet_fixtures.py` (`fill`), evaluated the same way: f64, then f32.
+fn fill(name: &str, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let phase = name.bytes().map(f64::from).sum::<f64>() * 0.01;
+    let leaf = name.rsplit('.').next().unwrap();
+    let (base, amp) = match leaf {
+        "weight" if shape.len() >= 2 => (
+            0.0,
+            (3.0 / shape[1..].iter().product::<i64>() as f64).sqrt(),
+        ),
+        "weight" => (1.0, 0.1),
+        "bias" | "running_mean" => (0.0, 0.1),
+        "running_var" => (1.25, 0.25),
+        other => panic!("no fill rule for {other} ({name})"),
+    };
+    let values: Vec<f32> = (0..n)
+        .map(|i| (base + amp * (0.7 * i as f64 + phase).sin()) as f32)
+        .collect();
+    Tensor::from_slice(&values).view(shape)
+}
+
+fn input() -> Tensor {
+    let values: Vec<f32> = (0..2 * 3 * 32 * 32)
+        .map(|i| (0.01 * i as f64).sin() as f32)
+        .collect();
+    Tensor::from_slice(&values).view([2, 3, 32, 32])
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+fn build(depth: Depth, stem: Stem) -> (tch::nn::VarStore, ResNetWithHead) {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let cfg = ResNetConfig {
+        depth,
+        stem,
+        in_channels: 3,
+    };
+    let net = ResNetWithHead::new(&vs.root(), &cfg, "fc", 10);
+    (vs, net)
+}
+
+#[test]
+fn resnets_match_pytorch_names_shapes_and_outputs() {
+    let names: HashMap<String, Vec<(String, Vec<i64>)>> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("resnet_names.json")).unwrap())
+            .unwrap();
+    let outputs: HashMap<String, Tensor> =
+        Tensor::read_safetensors(fixture("resnet_outputs.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    for (depth, arch) in [
+        (Depth::Resnet18, "resnet18"),
+        (Depth::Resnet34, "resnet34"),
+        (Depth::Resnet50, "resnet50"),
+    ] {
+        for (stem, stem_name) in [(Stem::Cifar, "cifar"), (Stem::Imagenet, "imagenet")] {
+            let key = format!("{arch}_{stem_name}");
+            let (vs, net) = build(depth, stem);
+
+            // Names and shapes: exactly PyTorch's state_dict (less num_batches_tracked).
+            let mut ours: Vec<(String, Vec<i64>)> = vs
+                .variables()
+                .into_iter()
+                .map(|(name, t)| (name, t.size()))
+                .collect();
+            let mut theirs = names[&key].clone();
+            ours.sort();
+            theirs.sort();
+            assert_eq!(
+                ours, theirs,
+                "{key}: parameter names or shapes differ from PyTorch"
+            );
+
+            // Outputs for the formula-filled weights.
+            tch::no_grad(|| {
+                for (name, mut var) in vs.variables() {
+                    var.copy_(&fill(&name, &var.size()));
+                }
+            });
+            let x = input();
+            let (features, logits) = tch::no_grad(|| {
+                let f = net.features(&x, false);
+                let l = net.head(&f);
+                (f, l)
+            });
+            let want_f = &outputs[&format!("{key}.eval.features")];
+            let want_l = &outputs[&format!("{key}.eval.logits")];
+            let (df, dl) = (
+                max_abs_diff(&features, want_f),
+                max_abs_diff(&logits, want_l),
+            );
+            assert!(
+                df <= 1e-4 && dl <= 1e-4,
+                "{key} eval: max |diff| features {df:e}, logits {dl:e}"
+            );
+            // The check has teeth: the logits are not all alike.
+            assert!(
+                want_l.std(true).double_value(&[]) > 1e-3,
+                "{key}: degenerate fixture"
+            );
+
+            // Training mode: BatchNorm uses batch statistics (and updates its running stats).
+            let train_logits = net.forward_t(&x, true).detach();
+            let want = &outputs[&format!("{key}.train.logits")];
+            let d = max_abs_diff(&train_logits, want);
+            assert!(d <= 1e-4, "{key} train: max |diff| logits {d:e}");
+        }
+    }
+}
+
+#[test]
+fn fresh_init_follows_the_official_recipe() {
+    let (vs, _net) = build(Depth::Resnet18, Stem::Cifar);
+    let vars = vs.variables();
+    // BN weight 1, bias 0.
+    assert_eq!(vars["encoder.bn1.weight"].min().double_value(&[]), 1.0);
+    assert_eq!(vars["encoder.bn1.weight"].max().double_value(&[]), 1.0);
+    assert_eq!(
+        vars["encoder.layer2.0.shortcut.1.bias"]
+            .abs()
+            .max()
+            .double_value(&[]),
+        0.0
+    );
+    // Conv: kaiming-normal, fan_out = 64·3·3 → std √(2/576) ≈ 0.0589.
+    let std = vars["encoder.layer1.0.conv1.weight"]
+        .std(true)
+        .double_value(&[]);
+    assert!(
+        (std - (2.0f64 / 576.0).sqrt()).abs() < 0.003,
+        "conv std {std}"
+    );
+    // Linear: PyTorch default, U(±1/√512) for weight and bias.
+    let bound = 1.0 / 512f64.sqrt();
+    for name in ["fc.weight", "fc.bias"] {
+        let max = vars[name].abs().max().double_value(&[]);
+        assert!(
+            max <= bound && max > 0.8 * bound,
+            "{name}: max |w| {max}, bound {bound}"
+        );
+    }
+    assert_eq!(vars["fc.weight"].kind(), Kind::Float);
+}
