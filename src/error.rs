@@ -12,11 +12,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// A config file is malformed, or a value in it is invalid. `key` is the dotted key path
@@ -26,6 +25,15 @@ pub enum Error {
         path: PathBuf,
         line: Option<usize>,
         key: String,
+        msg: String,
+    },
+
+    /// A data file (scores, arrays) could not be used: not a number on a line, NaN, the wrong dtype or
+    /// rank. `line` is 1-based when the file is text.
+    #[error("{}{}: {msg}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Data {
+        path: PathBuf,
+        line: Option<usize>,
         msg: String,
     },
 
@@ -42,12 +50,8 @@ pub enum Error {
     OrtLibrary { path: PathBuf, reason: String },
 
     /// An ONNX Runtime call failed; `what` says which model or step.
-    #[error("ONNX Runtime: {what}: {source}")]
-    Ort {
-        what: String,
-        #[source]
-        source: ort::Error,
-    },
+    #[error("ONNX Runtime: {what}: {cause}")]
+    Ort { what: String, cause: ort::Error },
 
     /// An ONNX model is malformed, or lacks the structure an operation needs; `what` names the file or
     /// graph element.
@@ -55,12 +59,8 @@ pub enum Error {
     Onnx { what: String, msg: String },
 
     /// A libtorch call failed; `op` says which.
-    #[error("libtorch: {op}: {source}")]
-    Torch {
-        op: String,
-        #[source]
-        source: tch::TchError,
-    },
+    #[error("libtorch: {op}: {cause}")]
+    Torch { op: String, cause: tch::TchError },
 
     /// A tensor or array has the wrong shape.
     #[error("{what}: expected shape {expected}, got {got}")]
@@ -80,7 +80,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
 
@@ -88,7 +88,7 @@ impl Error {
     pub fn ort(what: impl Into<String>, source: impl Into<ort::Error>) -> Self {
         Error::Ort {
             what: what.into(),
-            source: source.into(),
+            cause: source.into(),
         }
     }
 
@@ -96,7 +96,7 @@ impl Error {
     pub fn torch(op: impl Into<String>, source: tch::TchError) -> Self {
         Error::Torch {
             op: op.into(),
-            source,
+            cause: source,
         }
     }
 }

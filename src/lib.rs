@@ -18,11 +18,15 @@
 //! ```
 //!
 //! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
-//! devices, `doctor`), [`progress`] (progress events) and [`error`]. The stage modules arrive with their
-//! issues; the README's status table says which.
+//! devices, `doctor`), [`nn`] (PyTorch-compatible ResNets), [`onnx`] (ONNX files, graph builder, the SD
+//! text-encoder edit, the detector exporter), [`diffusion`] (the SD schedulers), [`eval`] (exact OOD
+//! metrics), [`progress`] (progress events) and [`error`]. The README's status table says what each stage
+//! still lacks.
 
 pub mod config;
+pub mod diffusion;
 pub mod error;
+pub mod eval;
 pub mod nn;
 pub mod onnx;
 pub mod progress;

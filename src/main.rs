@@ -13,6 +13,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use dream_ood::config::Config;
+use dream_ood::eval::fpr::Convention;
 
 /// Dream-OOD: imagine outliers with Stable Diffusion and train OOD detectors on them.
 #[derive(Debug, Parser)]
@@ -40,6 +41,25 @@ enum Command {
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Compute AUROC, AUPR-In, AUPR-Out and FPR@95TPR from ID and OOD scores.
+    ///
+    /// Scores are confidences: higher means more in-distribution (for energy, pass -E = logsumexp of the
+    /// logits). Each file is a 1-D float32/float64 `.npy` array or text with one number per line.
+    Metrics {
+        /// In-distribution scores (.npy or text).
+        #[arg(long, value_name = "ID_SCORES")]
+        id: PathBuf,
+        /// Out-of-distribution scores (.npy or text).
+        #[arg(long, value_name = "OOD_SCORES")]
+        ood: PathBuf,
+        /// FPR@95TPR rule: hendrycks (Dream-OOD's official code, ID positive), knn-ood, id-first-tpr95,
+        /// or openood (OpenOOD v1.5, OOD positive).
+        #[arg(long, value_name = "NAME", default_value = "hendrycks")]
+        convention: Convention,
+        /// Print the metrics as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +125,23 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let resolved = toml::to_string(&config).context("printing the resolved config")?;
             tracing::info!("{} is valid", file.display());
             print_stdout(&resolved)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Metrics {
+            id,
+            ood,
+            convention,
+            json,
+        } => {
+            let id = dream_ood::eval::scores::read_scores(&id)?;
+            let ood = dream_ood::eval::scores::read_scores(&ood)?;
+            let metrics = dream_ood::eval::metrics::compute(&id, &ood, convention)?;
+            let text = if json {
+                serde_json::to_string_pretty(&metrics)? + "\n"
+            } else {
+                metrics.to_text()
+            };
+            print_stdout(&text)?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -95,3 +95,16 @@ fn reference_config_states_the_defaults() {
         toml::from_str(&toml::to_string(&dream_ood::config::Config::default()).unwrap()).unwrap();
     assert_eq!(documented, all);
 }
+
+/// The cause of an I/O error is printed once (it is part of the message, not also a `source()`).
+#[test]
+fn missing_file_cause_is_printed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_clean(dir.path(), &["config", "check", "gone.toml"], &[]);
+    let err = stderr(&out);
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "stderr: {err}"
+    );
+}

@@ -12,8 +12,15 @@ mod doctor;
 /// libtorch and ONNX Runtime in one process, through the library, concurrently and in sequence.
 mod runtimes;
 
+/// `dream-ood metrics` and `dream_ood::eval::metrics`: scikit-learn parity on the fixtures, invariance to
+/// monotone transforms, `.npy` and text inputs, and the errors for bad files.
+mod metrics;
+
 /// The stage-3 text-encoder graph edit (token lookup → `inputs_embeds`) on an exported CLIP encoder.
 mod text_encoder;
 
 /// `src/nn/` ResNets against PyTorch: parameter names and shapes, outputs for formula-filled weights, init.
 mod nn;
+
+/// The ONNX exporter: libtorch parity of every ResNet (BN folded), scores, threshold, baked preprocessing.
+mod export;

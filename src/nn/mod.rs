@@ -1,6 +1,8 @@
 //! libtorch networks shared by the stages: the stage-1 encoder, the stage-4 detector and the exporter all
 //! build their ResNets here, so a checkpoint written by one loads in the others (and in PyTorch).
 
+pub mod arch;
 pub mod resnet;
+pub mod weights;
 
 pub use resnet::{Depth, ResNet, ResNetConfig, ResNetWithHead, Stem};

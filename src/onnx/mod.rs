@@ -5,12 +5,14 @@
 //!   files and float16 tables.
 //! - [`builder`]: a small graph builder (initializers from named tensors, nodes, typed inputs and outputs
 //!   with dynamic axes, metadata) for exporting dream-ood's own networks.
+//! - [`export`]: dream-ood's ResNet classifiers as one ONNX file (BN folded, `logits`, `score`, `is_ood`).
 //! - [`text_encoder`]: the stage-3 edit of a Stable Diffusion text encoder that turns its token-embedding
 //!   lookup into a graph input, so outlier embeddings can be injected in place of a class token.
 //!
 //! This module knows protobuf, not libtorch or ONNX Runtime: callers hand it named tensors and get models.
 
 pub mod builder;
+pub mod export;
 pub mod model;
 pub mod text_encoder;
 
