@@ -24,3 +24,6 @@ mod nn;
 
 /// The ONNX exporter: libtorch parity of every ResNet (BN folded), scores, threshold, baked preprocessing.
 mod export;
+
+/// Stage 3 on a tiny random SD export: tokenizer vs transformers, images vs diffusers, injection.
+mod tiny_sd;

@@ -1,0 +1,221 @@
+//! ONNX Runtime sessions for the SD models, and conversion at their boundary.
+//!
+//! Exports differ in their I/O element types (fp32, or fp16 for `--dtype fp16` exports), in the token-id type
+//! (int32 or int64) and in the UNet timestep (int64 `[batch]`, float `[batch]`, float scalar); see the reference
+//! table of `sd-onnx-runtime.md` §2.2. So every model reads its inputs' types and ranks from the session once,
+//! and converts f32 arrays to them at each call. Everything inside dream-ood is f32.
+
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::{Tensor, TensorElementType};
+
+use crate::error::{Error, Result};
+use crate::runtime::ort_environment;
+
+/// The execution provider a model runs on. A provider the user asked for that cannot be registered is an
+/// error, never a silent CPU fallback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provider {
+    Cpu,
+    /// CUDA on one device (needs a `--features cuda` build and `onnxruntime-gpu`).
+    Cuda {
+        device: i32,
+    },
+}
+
+/// How the SD sessions are built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOptions {
+    pub provider: Provider,
+    /// Intra-op threads per session (CPU); 0 lets ONNX Runtime choose.
+    pub intra_threads: usize,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        SessionOptions {
+            provider: Provider::Cpu,
+            intra_threads: 0,
+        }
+    }
+}
+
+/// Opens a model file (external data resolves beside it) with the requested provider.
+pub fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session> {
+    if !path.is_file() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "model file not found"),
+        ));
+    }
+    let what = format!("{}", path.display());
+    let mut builder =
+        Session::builder(ort_environment()?).map_err(|e| Error::ort(what.clone(), e))?;
+    if opts.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(opts.intra_threads)
+            .map_err(|e| Error::ort(what.clone(), e))?;
+    }
+    builder = register_provider(builder, &opts.provider, &what)?;
+    builder
+        .commit_from_file(path)
+        .map_err(|e| Error::ort(what, e))
+}
+
+/// Opens a model from bytes (the edited text encoder), with the same options.
+pub fn open_session_from_memory(
+    bytes: &[u8],
+    what: &str,
+    opts: &SessionOptions,
+) -> Result<Session> {
+    let mut builder = Session::builder(ort_environment()?).map_err(|e| Error::ort(what, e))?;
+    if opts.intra_threads > 0 {
+        builder = builder
+            .with_intra_threads(opts.intra_threads)
+            .map_err(|e| Error::ort(what, e))?;
+    }
+    builder = register_provider(builder, &opts.provider, what)?;
+    builder
+        .commit_from_memory(bytes)
+        .map_err(|e| Error::ort(what, e))
+}
+
+fn register_provider(
+    builder: ort::session::builder::SessionBuilder,
+    provider: &Provider,
+    what: &str,
+) -> Result<ort::session::builder::SessionBuilder> {
+    match provider {
+        Provider::Cpu => Ok(builder),
+        #[cfg(feature = "cuda")]
+        Provider::Cuda { device } => builder
+            .with_execution_providers([ort::ep::CUDA::default()
+                .with_device_id(*device)
+                .build()
+                .error_on_failure()])
+            .map_err(|e| Error::ort(format!("{what}: registering CUDA device {device}"), e)),
+        #[cfg(not(feature = "cuda"))]
+        Provider::Cuda { .. } => Err(Error::InvalidValue {
+            key: "ep".to_owned(),
+            msg: format!(
+                "{what}: CUDA was requested but this binary was built without the `cuda` feature (`make build-gpu`)"
+            ),
+        }),
+    }
+}
+
+/// The element type and the static rank of one input, as the session declares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputSpec {
+    pub elem: TensorElementType,
+    pub rank: usize,
+}
+
+/// Reads an input's spec, failing with the names the model does have.
+pub fn input_spec(session: &Session, model: &str, name: &str) -> Result<InputSpec> {
+    let outlet = session
+        .inputs()
+        .iter()
+        .find(|o| o.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = session.inputs().iter().map(|o| o.name()).collect();
+            Error::Onnx {
+                what: model.to_owned(),
+                msg: format!("has no input `{name}` (inputs: {names:?})"),
+            }
+        })?;
+    let elem = outlet.dtype().tensor_type().ok_or_else(|| Error::Onnx {
+        what: model.to_owned(),
+        msg: format!("input `{name}` is not a tensor"),
+    })?;
+    let rank = outlet.dtype().tensor_shape().map_or(0, |s| s.len());
+    Ok(InputSpec { elem, rank })
+}
+
+/// Checks that the model has an output of this name.
+pub fn require_output(session: &Session, model: &str, name: &str) -> Result<()> {
+    if session.outputs().iter().any(|o| o.name() == name) {
+        return Ok(());
+    }
+    let names: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+    Err(Error::Onnx {
+        what: model.to_owned(),
+        msg: format!("has no output `{name}` (outputs: {names:?})"),
+    })
+}
+
+/// An f32 array as a session input of element type `elem` (f32 or f16).
+pub fn float_input(
+    array: ArrayD<f32>,
+    elem: TensorElementType,
+    what: &str,
+) -> Result<SessionInputValue<'static>> {
+    let shape = array.shape().to_vec();
+    let data = array.into_raw_vec_and_offset().0;
+    match elem {
+        TensorElementType::Float32 => Ok(Tensor::from_array((shape, data))
+            .map_err(|e| Error::ort(what, e))?
+            .into()),
+        TensorElementType::Float16 => {
+            let data: Vec<half::f16> = data.into_iter().map(half::f16::from_f32).collect();
+            Ok(Tensor::from_array((shape, data))
+                .map_err(|e| Error::ort(what, e))?
+                .into())
+        }
+        other => Err(Error::Onnx {
+            what: what.to_owned(),
+            msg: format!("expected a float32 or float16 input, the model declares {other:?}"),
+        }),
+    }
+}
+
+/// Token ids as a session input of element type `elem` (int32 or int64), shape `[batch, 77]`.
+pub fn ids_input(
+    ids: &[Vec<u32>],
+    elem: TensorElementType,
+    what: &str,
+) -> Result<SessionInputValue<'static>> {
+    let shape = vec![ids.len(), ids.first().map_or(0, Vec::len)];
+    match elem {
+        TensorElementType::Int64 => {
+            let data: Vec<i64> = ids.iter().flatten().map(|&i| i64::from(i)).collect();
+            Ok(Tensor::from_array((shape, data))
+                .map_err(|e| Error::ort(what, e))?
+                .into())
+        }
+        TensorElementType::Int32 => {
+            let data: Vec<i32> = ids.iter().flatten().map(|&i| i as i32).collect();
+            Ok(Tensor::from_array((shape, data))
+                .map_err(|e| Error::ort(what, e))?
+                .into())
+        }
+        other => Err(Error::Onnx {
+            what: what.to_owned(),
+            msg: format!("expected int32 or int64 token ids, the model declares {other:?}"),
+        }),
+    }
+}
+
+/// A float output (f32 or f16) as an f32 array.
+pub fn float_output(outputs: &SessionOutputs<'_>, name: &str, what: &str) -> Result<ArrayD<f32>> {
+    let value = &outputs[name];
+    let err = |e| Error::ort(format!("{what}: output `{name}`"), e);
+    if let Ok((shape, data)) = value.try_extract_tensor::<f32>() {
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        return ArrayD::from_shape_vec(IxDyn(&dims), data.to_vec())
+            .map_err(|e| shape_err(what, name, e));
+    }
+    let (shape, data) = value.try_extract_tensor::<half::f16>().map_err(err)?;
+    let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+    let data = data.iter().map(|v| v.to_f32()).collect();
+    ArrayD::from_shape_vec(IxDyn(&dims), data).map_err(|e| shape_err(what, name, e))
+}
+
+fn shape_err(what: &str, name: &str, e: ndarray::ShapeError) -> Error {
+    Error::Onnx {
+        what: what.to_owned(),
+        msg: format!("output `{name}`: {e}"),
+    }
+}
