@@ -26,6 +26,8 @@ pub struct Config {
     pub run: RunConfig,
     /// Stage 2: outlier / inlier embedding sampling.
     pub sample: SampleConfig,
+    /// Stage 3: decoding outlier embeddings into images with Stable Diffusion.
+    pub generate: GenerateConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -104,6 +106,70 @@ impl Default for SampleConfig {
     }
 }
 
+/// `[generate]`: stage 3 (`dream-ood generate`). Paths are relative to the config file's folder; the same keys
+/// exist as command-line flags, which win. Defaults are the official sampling settings (SPEC §3: PLMS-equivalent
+/// PNDM, 50 steps, guidance 7.5, seed 42, 512×512).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GenerateConfig {
+    /// The SD ONNX export folder (`optimum-cli export onnx` layout).
+    pub model: Option<PathBuf>,
+    /// Stage 2's embeddings, `[C, M, D]` float32 `.npy`.
+    pub embeddings: Option<PathBuf>,
+    /// The classes file (`configs/classes/*.toml`).
+    pub classes: Option<PathBuf>,
+    /// Output folder (ImageFolder of PNGs + `manifest.jsonl` + `run.json`).
+    pub out: Option<PathBuf>,
+    /// Images per class (exclusive with `total`).
+    pub per_class: Option<usize>,
+    /// Images in all, classes drawn uniformly (exclusive with `per_class`).
+    pub total: Option<usize>,
+    /// Denoising steps. Default 50.
+    pub steps: usize,
+    /// Classifier-free guidance scale. Default 7.5.
+    pub guidance: f32,
+    /// `pndm` (default; diffusers' PNDM with skip_prk_steps = PLMS), `plms` (the official ldm sampler),
+    /// `ddim`, `euler`, `euler_ancestral`, `dpmpp_2m`.
+    pub scheduler: String,
+    /// Images per UNet batch (the UNet runs on twice this for guidance). Default 4.
+    pub batch: usize,
+    /// Global seed of the plan. Default 42 (the official `seed_everything(42)`).
+    pub seed: u64,
+    /// Image size in pixels. Default 512.
+    pub image_size: usize,
+    /// `round` (default, diffusers) or `floor` (the official script's truncation).
+    pub quantize: String,
+    /// Execution provider: `cpu` (default) or `cuda` / `cuda:N` (a `make build-gpu` binary).
+    pub ep: String,
+    /// ONNX Runtime intra-op threads per session; 0 lets it choose. Default 0.
+    pub threads: usize,
+    /// Initial latents `[K, 4, h, w]` float32 `.npy` instead of seeded noise; image k takes row `k mod K`.
+    pub init_latents: Option<PathBuf>,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig {
+            model: None,
+            embeddings: None,
+            classes: None,
+            out: None,
+            per_class: None,
+            total: None,
+            steps: 50,
+            guidance: 7.5,
+            scheduler: "pndm".to_owned(),
+            batch: 4,
+            seed: 42,
+            image_size: 512,
+            quantize: "round".to_owned(),
+            ep: "cpu".to_owned(),
+            threads: 0,
+            init_latents: None,
+        }
+    }
+}
+
 /// A compute device named in a config or on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -147,12 +213,7 @@ impl Config {
 
     /// Parses TOML text; `path` is used only in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config> {
-        let de = toml::de::Deserializer::parse(text).map_err(|e| toml_error(text, path, "", &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let key = if key == "." { String::new() } else { key };
-            toml_error(text, path, &key, e.inner())
-        })
+        parse_toml(text, path)
     }
 
     /// Checks ranges and cross-field rules; errors name the key path and the line.
@@ -195,6 +256,17 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Parses any strict TOML document of dream-ood (configs, classes files) with the errors described in the
+/// module doc: file, line, dotted key path, nearest valid key.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let de = toml::de::Deserializer::parse(text).map_err(|e| toml_error(text, path, "", &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        toml_error(text, path, &key, e.inner())
+    })
 }
 
 /// Turns a toml/serde error into [`Error::Config`] with the line, the key path and, for unknown keys, the

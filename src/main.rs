@@ -60,6 +60,71 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Decode outlier embeddings into images with Stable Diffusion on ONNX Runtime (stage 3).
+    ///
+    /// Writes OUT/<class_index>/<k>.png, OUT/manifest.jsonl and OUT/run.json. Rerunning the same command
+    /// resumes; Ctrl-C finishes the batch in flight. Exits 1 when interrupted. A flag given twice takes
+    /// its last value.
+    #[command(args_override_self = true)]
+    Generate(Box<GenerateArgs>),
+}
+
+/// Flags of `generate`; each overrides the same key of the config's `[generate]` table.
+#[derive(Debug, clap::Args)]
+struct GenerateArgs {
+    /// A config file whose `[generate]` table holds the settings (paths relative to it).
+    config: Option<PathBuf>,
+    /// The SD ONNX export folder (`optimum-cli export onnx` layout).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Stage 2's embeddings, [C, M, D] float32 .npy.
+    #[arg(long)]
+    embeddings: Option<PathBuf>,
+    /// The classes file (see configs/classes/).
+    #[arg(long)]
+    classes: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Images per class.
+    #[arg(long, conflicts_with = "total")]
+    per_class: Option<usize>,
+    /// Images in all (classes drawn uniformly).
+    #[arg(long)]
+    total: Option<usize>,
+    /// Denoising steps [default: 50].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale [default: 7.5].
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// pndm, plms, ddim, euler, euler_ancestral or dpmpp_2m [default: pndm].
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Images per batch [default: 4].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Global seed [default: 42].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Image size in pixels [default: 512].
+    #[arg(long)]
+    image_size: Option<usize>,
+    /// round or floor [default: round].
+    #[arg(long)]
+    quantize: Option<String>,
+    /// cpu, cuda or cuda:N [default: cpu].
+    #[arg(long)]
+    ep: Option<String>,
+    /// ONNX Runtime intra-op threads per session [default: 0 = its choice].
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Run shard I of N (images with index mod N = I), e.g. for a Slurm array.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<dream_ood::diffusion::plan::Shard>,
+    /// Initial latents [K, 4, h, w] float32 .npy instead of seeded noise.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +153,70 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
+    use dream_ood::diffusion::generate::{GenerateJob, run_generate};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let (mut cfg, base) = match &args.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            (
+                config.generate,
+                path.parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .to_owned(),
+            )
+        }
+        None => (Default::default(), PathBuf::from(".")),
+    };
+    let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    macro_rules! set {
+        ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = v; })* };
+    }
+    macro_rules! set_path {
+        ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = Some(abs(v)); })* };
+    }
+    set!(
+        steps, guidance, scheduler, batch, seed, image_size, quantize, ep, threads
+    );
+    set_path!(model, embeddings, classes, out, init_latents);
+    if args.per_class.is_some() || args.total.is_some() {
+        cfg.per_class = args.per_class;
+        cfg.total = args.total;
+    }
+    let mut job = GenerateJob::from_config(&cfg, &base)?;
+    job.shard = args.shard;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: stopping now; rerun the same command to resume");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the batch in flight (Ctrl-C again to stop at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let report = run_generate(&job, &cli::progress::TermProgress::new(), &stop)?;
+    let done = report.already_done + report.generated;
+    if report.interrupted {
+        eprintln!(
+            "interrupted: {done} of {} images done; rerun the same command to resume",
+            report.planned
+        );
+        return Ok(ExitCode::from(1));
+    }
+    tracing::info!(
+        generated = report.generated,
+        skipped = report.already_done,
+        seconds = format!("{:.1}", report.seconds),
+        "generate done"
+    );
+    print_stdout(&format!("{}\n", job.out.display()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -120,6 +249,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Generate(args) => run_generate(*args),
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
             let resolved = toml::to_string(&config).context("printing the resolved config")?;

@@ -27,3 +27,6 @@ mod export;
 
 /// Stage 3 on a tiny random SD export: tokenizer vs transformers, images vs diffusers, injection.
 mod tiny_sd;
+
+/// `dream-ood generate`: outputs and manifest, resume after a kill, shards equal one run, bad input.
+mod generate;

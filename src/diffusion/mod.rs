@@ -17,8 +17,11 @@
 //!
 //! The `generate` job (plan, shards, resume, manifest) arrives with its issue.
 
+pub mod classes;
+pub mod generate;
 pub mod model_dir;
 pub mod pipeline;
+pub mod plan;
 pub mod schedulers;
 pub mod session;
 pub mod text_encoder;

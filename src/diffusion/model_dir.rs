@@ -22,11 +22,14 @@ pub struct SdModelDir {
     pub tokenizer: PathBuf,
     pub scheduler: SchedulerConfig,
     pub vae_scaling_factor: f32,
+    /// Pixels per latent cell: `2^(len(block_out_channels) − 1)` of the VAE config (8 for SD).
+    pub vae_scale_factor: usize,
 }
 
 #[derive(Deserialize)]
 struct VaeConfig {
     scaling_factor: Option<f32>,
+    block_out_channels: Option<Vec<u32>>,
 }
 
 impl SdModelDir {
@@ -52,16 +55,20 @@ impl SdModelDir {
             });
         }
         let vae_config = root.join("vae_decoder/config.json");
-        let vae_scaling_factor = if vae_config.is_file() {
+        let (vae_scaling_factor, vae_scale_factor) = if vae_config.is_file() {
             let text =
                 std::fs::read_to_string(&vae_config).map_err(|e| Error::io(&vae_config, e))?;
             let config: VaeConfig = serde_json::from_str(&text).map_err(|e| Error::Onnx {
                 what: vae_config.display().to_string(),
                 msg: e.to_string(),
             })?;
-            config.scaling_factor.unwrap_or(SD_VAE_SCALING_FACTOR)
+            let levels = config.block_out_channels.map_or(4, |b| b.len().max(1));
+            (
+                config.scaling_factor.unwrap_or(SD_VAE_SCALING_FACTOR),
+                1usize << (levels - 1),
+            )
         } else {
-            SD_VAE_SCALING_FACTOR
+            (SD_VAE_SCALING_FACTOR, 8)
         };
         Ok(SdModelDir {
             root: root.to_owned(),
@@ -71,6 +78,7 @@ impl SdModelDir {
             tokenizer,
             scheduler: SchedulerConfig::load_from_export(root)?,
             vae_scaling_factor,
+            vae_scale_factor,
         })
     }
 }

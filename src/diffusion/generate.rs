@@ -1,0 +1,643 @@
+//! `dream-ood generate`: the batch job that decodes outlier embeddings into an ImageFolder of PNGs.
+//!
+//! Reads an SD export, the embeddings of stage 2 (`[C, M, D]` float32 `.npy`) and a classes file; writes
+//! `OUT/<class_index>/<k:07>.png`, one `manifest.jsonl` line per image, and `run.json` (settings, plan id,
+//! model hashes, versions). Everything is checked before any work. Writes are atomic (temp file + rename); a
+//! rerun skips the images whose manifest line and file checksum agree, so a killed run resumes and a sharded
+//! run can be merged by concatenating manifests. The stop flag (Ctrl-C in the CLI) is checked between batches:
+//! the batch in flight is finished and its manifest lines are written.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::ReadNpyExt;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::classes::Classes;
+use super::model_dir::SdModelDir;
+use super::pipeline::{Quantize, SamplerSettings, StableDiffusion};
+use super::plan::{ImageCount, PlannedImage, Shard, initial_latents, plan};
+use super::schedulers::{NoiseSource, SchedulerKind};
+use super::session::SessionOptions;
+use super::text_encoder::Injection;
+use crate::error::{Error, Result};
+use crate::onnx::model::write_atomic;
+use crate::progress::Progress;
+
+/// Everything a generation run needs, resolved.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerateJob {
+    pub model: PathBuf,
+    pub embeddings: PathBuf,
+    pub classes: PathBuf,
+    pub out: PathBuf,
+    pub count: ImageCount,
+    pub num_inference_steps: usize,
+    pub guidance_scale: f32,
+    #[serde(serialize_with = "serialize_kind")]
+    pub scheduler: SchedulerKind,
+    pub batch_size: usize,
+    pub seed: u64,
+    #[serde(skip)]
+    pub shard: Option<Shard>,
+    /// `[K, 4, h, w]` initial latents; image k takes row `k mod K`.
+    pub init_latents: Option<PathBuf>,
+    /// Image height and width in pixels (a multiple of the VAE's factor, 8 for SD); ignored with
+    /// `init_latents`, whose shape decides.
+    pub image_size: usize,
+    pub quantize: QuantizeMode,
+    #[serde(skip)]
+    pub session: SessionOptions,
+}
+
+fn serialize_kind<S: serde::Serializer>(
+    kind: &SchedulerKind,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kind.name())
+}
+
+/// `round` (diffusers) or `floor` (the official script).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantizeMode {
+    #[default]
+    Round,
+    Floor,
+}
+
+/// One line of `manifest.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestEntry {
+    /// Path relative to the output folder.
+    pub file: String,
+    pub index: u64,
+    pub class_index: usize,
+    pub class_name: String,
+    pub embedding_row: usize,
+    pub seed: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub latent_index: Option<usize>,
+    pub scheduler: String,
+    pub steps: usize,
+    pub guidance: f32,
+    pub sha256: String,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GenerateReport {
+    pub planned: usize,
+    pub already_done: usize,
+    pub generated: usize,
+    /// True when the stop flag ended the run early.
+    pub interrupted: bool,
+    pub seconds: f64,
+}
+
+const MANIFEST: &str = "manifest.jsonl";
+const RUN_JSON: &str = "run.json";
+
+/// The embedding file, checked.
+struct Embeddings {
+    data: Vec<f32>,
+    rows: usize,
+    dim: usize,
+}
+
+impl Embeddings {
+    fn load(path: &Path, num_classes: usize, hidden: usize) -> Result<Embeddings> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let bad = |msg: String| Error::Data {
+            path: path.to_owned(),
+            line: None,
+            msg,
+        };
+        let array = ArrayD::<f32>::read_npy(BufReader::new(file)).map_err(|e| {
+            bad(format!(
+                "expected a float32 .npy of shape [classes, rows, dim]: {e}"
+            ))
+        })?;
+        let &[c, rows, dim] = array.shape() else {
+            return Err(bad(format!(
+                "expected shape [classes, rows, dim], got {:?}",
+                array.shape()
+            )));
+        };
+        if c != num_classes {
+            return Err(bad(format!(
+                "has {c} classes, the classes file lists {num_classes}"
+            )));
+        }
+        if dim != hidden {
+            return Err(bad(format!(
+                "embedding width {dim} is not the text encoder's hidden size {hidden}"
+            )));
+        }
+        if rows == 0 {
+            return Err(bad("has no rows".to_owned()));
+        }
+        let data = array
+            .as_standard_layout()
+            .into_owned()
+            .into_raw_vec_and_offset()
+            .0;
+        if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+            let (class, row) = (i / (rows * dim), (i / dim) % rows);
+            return Err(bad(format!(
+                "value {} at class {class}, row {row} is not finite",
+                data[i]
+            )));
+        }
+        Ok(Embeddings { data, rows, dim })
+    }
+
+    fn row(&self, class: usize, row: usize) -> &[f32] {
+        let start = (class * self.rows + row) * self.dim;
+        &self.data[start..start + self.dim]
+    }
+}
+
+/// sha256 of a file, hex.
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| Error::io(path, e))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The plan id: a hash of everything that decides which images exist and what they contain.
+fn plan_id(
+    job: &GenerateJob,
+    classes: &Classes,
+    embeddings_sha: &str,
+    model_hashes: &[(String, String)],
+) -> String {
+    let mut h = Sha256::new();
+    let settings = serde_json::json!({
+        "count": job.count, "steps": job.num_inference_steps, "guidance": job.guidance_scale,
+        "scheduler": job.scheduler.name(), "seed": job.seed, "image_size": job.image_size,
+        "quantize": job.quantize, "embeddings": embeddings_sha, "models": model_hashes,
+        "init_latents": job.init_latents.as_ref().map(|p| p.display().to_string()),
+        "prompts": classes.classes.iter().map(|c| (&c.prompt, &c.embedding_word)).collect::<Vec<_>>(),
+    });
+    h.update(settings.to_string().as_bytes());
+    hex(&h.finalize())[..16].to_owned()
+}
+
+/// Reads the manifest and keeps the entries whose file exists with the recorded checksum.
+fn completed(out: &Path) -> Result<HashMap<u64, ManifestEntry>> {
+    let path = out.join(MANIFEST);
+    let mut done = HashMap::new();
+    if !path.is_file() {
+        return Ok(done);
+    }
+    let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|e| Error::io(&path, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: ManifestEntry = match serde_json::from_str(&line) {
+            Ok(e) => e,
+            // A line cut by a crash mid-write: the image is redone.
+            Err(e) => {
+                tracing::warn!(manifest = %path.display(), line = i + 1, "ignoring an unreadable manifest line: {e}");
+                continue;
+            }
+        };
+        let file = out.join(&entry.file);
+        if file.is_file() && sha256_file(&file)? == entry.sha256 {
+            done.insert(entry.index, entry);
+        }
+    }
+    Ok(done)
+}
+
+/// Encodes one `[H, W, 3]` image as PNG bytes.
+fn png_bytes(height: usize, width: usize, pixels: &[u8], what: &str) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    let encoder = image::codecs::png::PngEncoder::new(&mut bytes);
+    image::ImageEncoder::write_image(
+        encoder,
+        pixels,
+        width as u32,
+        height as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| Error::Check {
+        what: what.to_owned(),
+        msg: format!("PNG encoding failed: {e}"),
+    })?;
+    Ok(bytes)
+}
+
+/// Runs (or resumes) a generation job.
+pub fn run_generate(
+    job: &GenerateJob,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<GenerateReport> {
+    let start = Instant::now();
+    // 1. Check every input before any work.
+    let classes = Classes::load(&job.classes)?;
+    if job.batch_size == 0 {
+        return Err(Error::InvalidValue {
+            key: "batch".to_owned(),
+            msg: "must be at least 1".to_owned(),
+        });
+    }
+    let dir = SdModelDir::open(&job.model)?;
+    let mut sd = StableDiffusion::load(dir, &job.session)?;
+    let embeddings = Embeddings::load(
+        &job.embeddings,
+        classes.len(),
+        sd.text_encoder.hidden_size(),
+    )?;
+    let anchors = classes
+        .classes
+        .iter()
+        .map(|c| sd.tokenizer.anchor_token(&c.embedding_word))
+        .collect::<Result<Vec<u32>>>()?;
+    let prompt_ids = classes
+        .classes
+        .iter()
+        .map(|c| sd.tokenizer.encode(&c.prompt))
+        .collect::<Result<Vec<_>>>()?;
+    for (i, (ids, anchor)) in prompt_ids.iter().zip(&anchors).enumerate() {
+        if !ids.contains(anchor) {
+            tracing::warn!(
+                class = i,
+                name = %classes.classes[i].name,
+                "the prompt does not contain the anchor token of {:?}: its images ignore the outlier embedding",
+                classes.classes[i].embedding_word
+            );
+        }
+    }
+    let init_latents = match &job.init_latents {
+        Some(path) => Some(load_init_latents(path)?),
+        None => None,
+    };
+    let factor = sd.dir.vae_scale_factor;
+    if init_latents.is_none() && (job.image_size == 0 || !job.image_size.is_multiple_of(factor)) {
+        return Err(Error::InvalidValue {
+            key: "image_size".to_owned(),
+            msg: format!(
+                "{} is not a positive multiple of the VAE's factor {factor}",
+                job.image_size
+            ),
+        });
+    }
+    let latent_shape: Vec<usize> = match &init_latents {
+        Some(l) => l.shape()[1..].to_vec(),
+        None => vec![4, job.image_size / factor, job.image_size / factor],
+    };
+    let images = plan(
+        classes.len(),
+        embeddings.rows,
+        job.count,
+        job.seed,
+        job.shard,
+    )?;
+
+    // 2. The output folder: same plan, or empty.
+    let embeddings_sha = sha256_file(&job.embeddings)?;
+    let model_hashes = [&sd.dir.text_encoder, &sd.dir.unet, &sd.dir.vae_decoder]
+        .iter()
+        .map(|p| {
+            Ok((
+                p.strip_prefix(&sd.dir.root)
+                    .unwrap_or(p)
+                    .display()
+                    .to_string(),
+                sha256_file(p)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let id = plan_id(job, &classes, &embeddings_sha, &model_hashes);
+    fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
+    check_run_json(&job.out, &id)?;
+    let run_json = serde_json::json!({
+        "plan_id": id, "job": job, "shard": job.shard.map(|s| format!("{}/{}", s.index, s.count)),
+        "embeddings_sha256": embeddings_sha, "models": model_hashes,
+        "dream_ood_version": env!("CARGO_PKG_VERSION"),
+    });
+    write_atomic(
+        &job.out.join(RUN_JSON),
+        serde_json::to_string_pretty(&run_json)
+            .unwrap_or_default()
+            .as_bytes(),
+    )?;
+
+    // 3. Resume: skip what is complete and verified.
+    let done = completed(&job.out)?;
+    let todo: Vec<&PlannedImage> = images
+        .iter()
+        .filter(|img| !done.contains_key(&img.index))
+        .collect();
+    let mut report = GenerateReport {
+        planned: images.len(),
+        already_done: images.len() - todo.len(),
+        ..Default::default()
+    };
+    tracing::info!(planned = report.planned, done = report.already_done, plan = %id, out = %job.out.display(), "generate");
+    let manifest_path = job.out.join(MANIFEST);
+    let mut manifest = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&manifest_path)
+        .map_err(|e| Error::io(&manifest_path, e))?;
+    let settings = SamplerSettings {
+        scheduler: job.scheduler,
+        num_inference_steps: job.num_inference_steps,
+        guidance_scale: job.guidance_scale,
+    };
+    let quantize = match job.quantize {
+        QuantizeMode::Round => Quantize::Round,
+        QuantizeMode::Floor => Quantize::Floor,
+    };
+    progress.start(
+        "generate",
+        report.planned as u64,
+        report.already_done as u64,
+    );
+
+    // 4. Batches.
+    for batch in todo.chunks(job.batch_size) {
+        if stop.load(Ordering::SeqCst) {
+            report.interrupted = true;
+            break;
+        }
+        let prompts: Vec<String> = batch
+            .iter()
+            .map(|img| classes.classes[img.class_index].prompt.clone())
+            .collect();
+        let injections: Vec<Option<Injection>> = batch
+            .iter()
+            .map(|img| {
+                Some(Injection {
+                    token: anchors[img.class_index],
+                    vector: embeddings.row(img.class_index, img.embedding_row),
+                })
+            })
+            .collect();
+        let cond = sd.encode_prompts(&prompts, &injections)?;
+        let per_image: usize = latent_shape.iter().product();
+        let mut latent_data = Vec::with_capacity(batch.len() * per_image);
+        let mut latent_rows = Vec::with_capacity(batch.len());
+        for img in batch {
+            match &init_latents {
+                Some(l) => {
+                    let row = (img.index % l.shape()[0] as u64) as usize;
+                    latent_data.extend(l.index_axis(ndarray::Axis(0), row).iter().copied());
+                    latent_rows.push(Some(row));
+                }
+                None => {
+                    latent_data.extend(initial_latents(img.seed, per_image));
+                    latent_rows.push(None);
+                }
+            }
+        }
+        let mut shape = vec![batch.len()];
+        shape.extend(&latent_shape);
+        let latents =
+            ArrayD::from_shape_vec(IxDyn(&shape), latent_data).expect("invariant: sizes match");
+        let mut noise = ImageNoise::new(batch);
+        let final_latents = sd.denoise(&cond, latents, &settings, &mut noise)?;
+        let (img_shape, pixels) = sd.decode(&final_latents, quantize)?;
+        let (h, w) = (img_shape[1], img_shape[2]);
+        for (i, img) in batch.iter().enumerate() {
+            let rel = format!("{}/{:07}.png", img.class_index, img.index);
+            let path = job.out.join(&rel);
+            let class_dir = job.out.join(img.class_index.to_string());
+            fs::create_dir_all(&class_dir).map_err(|e| Error::io(&class_dir, e))?;
+            let bytes = png_bytes(h, w, &pixels[i * h * w * 3..(i + 1) * h * w * 3], &rel)?;
+            write_atomic(&path, &bytes)?;
+            let entry = ManifestEntry {
+                file: rel,
+                index: img.index,
+                class_index: img.class_index,
+                class_name: classes.classes[img.class_index].name.clone(),
+                embedding_row: img.embedding_row,
+                seed: img.seed,
+                latent_index: latent_rows[i],
+                scheduler: job.scheduler.name().to_owned(),
+                steps: job.num_inference_steps,
+                guidance: job.guidance_scale,
+                sha256: hex(&Sha256::digest(&bytes)),
+            };
+            let line =
+                serde_json::to_string(&entry).expect("invariant: the entry serialises") + "\n";
+            manifest
+                .write_all(line.as_bytes())
+                .map_err(|e| Error::io(&manifest_path, e))?;
+        }
+        manifest.flush().map_err(|e| Error::io(&manifest_path, e))?;
+        report.generated += batch.len();
+        progress.advance(batch.len() as u64);
+    }
+    manifest
+        .sync_all()
+        .map_err(|e| Error::io(&manifest_path, e))?;
+    progress.finish();
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Noise for the stochastic samplers, drawn per image from its own seed so batching does not matter.
+struct ImageNoise {
+    rngs: Vec<rand_chacha::ChaCha8Rng>,
+}
+
+impl ImageNoise {
+    fn new(batch: &[&PlannedImage]) -> Self {
+        use rand::SeedableRng;
+        // A stream apart from the latents' own.
+        let rngs = batch
+            .iter()
+            .map(|img| rand_chacha::ChaCha8Rng::seed_from_u64(img.seed ^ 0x6e6f_6973_6500_0001))
+            .collect();
+        ImageNoise { rngs }
+    }
+}
+
+impl NoiseSource for ImageNoise {
+    fn standard_normal(&mut self, shape: &[usize]) -> ArrayD<f32> {
+        use rand::RngExt;
+        let per_image: usize = shape[1..].iter().product();
+        let data: Vec<f32> = self
+            .rngs
+            .iter_mut()
+            .flat_map(|rng| {
+                (0..per_image)
+                    .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        ArrayD::from_shape_vec(IxDyn(shape), data)
+            .expect("invariant: the scheduler asks for [batch, …]")
+    }
+}
+
+fn load_init_latents(path: &Path) -> Result<ArrayD<f32>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let array = ArrayD::<f32>::read_npy(BufReader::new(file)).map_err(|e| Error::Data {
+        path: path.to_owned(),
+        line: None,
+        msg: format!("expected a float32 .npy of shape [K, 4, h, w]: {e}"),
+    })?;
+    if array.ndim() != 4 || array.shape()[0] == 0 {
+        return Err(Error::Data {
+            path: path.to_owned(),
+            line: None,
+            msg: format!(
+                "expected shape [K, 4, h, w] with K >= 1, got {:?}",
+                array.shape()
+            ),
+        });
+    }
+    Ok(array)
+}
+
+/// Refuses an output folder made by a different plan.
+fn check_run_json(out: &Path, id: &str) -> Result<()> {
+    let path = out.join(RUN_JSON);
+    if !path.is_file() {
+        if out.join(MANIFEST).is_file() {
+            return Err(Error::Data {
+                path: out.join(MANIFEST),
+                line: None,
+                msg: "a manifest without run.json: this folder was not made by this plan; use another --out".to_owned(),
+            });
+        }
+        return Ok(());
+    }
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let previous: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Data {
+        path: path.clone(),
+        line: None,
+        msg: e.to_string(),
+    })?;
+    match previous["plan_id"].as_str() {
+        Some(prev) if prev == id => Ok(()),
+        prev => Err(Error::Data {
+            path,
+            line: None,
+            msg: format!(
+                "holds a run with plan {} but these settings make plan {id}; resume with the same settings or use another --out",
+                prev.unwrap_or("(none)")
+            ),
+        }),
+    }
+}
+
+impl GenerateJob {
+    /// Resolves a `[generate]` table (paths relative to `base`) into a job; names the key at fault.
+    pub fn from_config(cfg: &crate::config::GenerateConfig, base: &Path) -> Result<GenerateJob> {
+        let required = |value: &Option<PathBuf>, key: &str| -> Result<PathBuf> {
+            let path = value.as_ref().ok_or_else(|| Error::InvalidValue {
+                key: format!("generate.{key}"),
+                msg: format!(
+                    "is required (--{} on the command line)",
+                    key.replace('_', "-")
+                ),
+            })?;
+            Ok(if path.is_relative() {
+                base.join(path)
+            } else {
+                path.clone()
+            })
+        };
+        let invalid = |key: &str, msg: String| Error::InvalidValue {
+            key: format!("generate.{key}"),
+            msg,
+        };
+        let count = match (cfg.per_class, cfg.total) {
+            (Some(n), None) if n > 0 => ImageCount::PerClass(n),
+            (None, Some(n)) if n > 0 => ImageCount::Total(n),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "per_class",
+                    "give per_class or total, not both".to_owned(),
+                ));
+            }
+            (None, None) => return Err(invalid("per_class", "give per_class or total".to_owned())),
+            _ => return Err(invalid("per_class", "must be at least 1".to_owned())),
+        };
+        let scheduler: SchedulerKind = cfg
+            .scheduler
+            .parse()
+            .map_err(|e: Error| invalid("scheduler", e.to_string()))?;
+        let quantize = match cfg.quantize.as_str() {
+            "round" => QuantizeMode::Round,
+            "floor" => QuantizeMode::Floor,
+            other => {
+                return Err(invalid(
+                    "quantize",
+                    format!("unknown \"{other}\"; expected round or floor"),
+                ));
+            }
+        };
+        let provider = match cfg.ep.as_str() {
+            "cpu" => super::session::Provider::Cpu,
+            "cuda" => super::session::Provider::Cuda { device: 0 },
+            other => match other.strip_prefix("cuda:").and_then(|d| d.parse().ok()) {
+                Some(device) => super::session::Provider::Cuda { device },
+                None => {
+                    return Err(invalid(
+                        "ep",
+                        format!("unknown \"{other}\"; expected cpu, cuda or cuda:N"),
+                    ));
+                }
+            },
+        };
+        if !(cfg.guidance.is_finite() && cfg.guidance >= 0.0) {
+            return Err(invalid(
+                "guidance",
+                format!("must be a finite number >= 0, got {}", cfg.guidance),
+            ));
+        }
+        if cfg.steps == 0 || cfg.batch == 0 {
+            return Err(invalid(
+                if cfg.steps == 0 { "steps" } else { "batch" },
+                "must be at least 1".to_owned(),
+            ));
+        }
+        Ok(GenerateJob {
+            model: required(&cfg.model, "model")?,
+            embeddings: required(&cfg.embeddings, "embeddings")?,
+            classes: required(&cfg.classes, "classes")?,
+            out: required(&cfg.out, "out")?,
+            count,
+            num_inference_steps: cfg.steps,
+            guidance_scale: cfg.guidance,
+            scheduler,
+            batch_size: cfg.batch,
+            seed: cfg.seed,
+            shard: None,
+            init_latents: cfg.init_latents.as_ref().map(|p| {
+                if p.is_relative() {
+                    base.join(p)
+                } else {
+                    p.clone()
+                }
+            }),
+            image_size: cfg.image_size,
+            quantize,
+            session: SessionOptions {
+                provider,
+                intra_threads: cfg.threads,
+            },
+        })
+    }
+}
