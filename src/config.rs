@@ -141,8 +141,11 @@ pub struct GenerateConfig {
     pub quantize: String,
     /// Execution provider: `cpu` (default) or `cuda` / `cuda:N` (a `make build-gpu` binary).
     pub ep: String,
-    /// ONNX Runtime intra-op threads per session; 0 lets it choose. Default 0.
+    /// ONNX Runtime intra-op threads per session; 0 = cores / workers. Default 0.
     pub threads: usize,
+    /// Parallel workers, each with its own sessions; 0 = auto (CPU: single-thread workers, one per core, as
+    /// memory allows; GPU: one). Default 0.
+    pub workers: usize,
     /// Initial latents `[K, 4, h, w]` float32 `.npy` instead of seeded noise; image k takes row `k mod K`.
     pub init_latents: Option<PathBuf>,
 }
@@ -165,6 +168,7 @@ impl Default for GenerateConfig {
             quantize: "round".to_owned(),
             ep: "cpu".to_owned(),
             threads: 0,
+            workers: 0,
             init_latents: None,
         }
     }

@@ -116,9 +116,12 @@ struct GenerateArgs {
     /// cpu, cuda or cuda:N [default: cpu].
     #[arg(long)]
     ep: Option<String>,
-    /// ONNX Runtime intra-op threads per session [default: 0 = its choice].
+    /// ONNX Runtime intra-op threads per session [default: 0 = cores / workers].
     #[arg(long)]
     threads: Option<usize>,
+    /// Parallel workers with their own sessions [default: 0 = auto, logged].
+    #[arg(long)]
+    workers: Option<usize>,
     /// Run shard I of N (images with index mod N = I), e.g. for a Slurm array.
     #[arg(long, value_name = "I/N")]
     shard: Option<dream_ood::diffusion::plan::Shard>,

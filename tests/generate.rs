@@ -135,10 +135,14 @@ fn generates_resumes_and_shards_agree() {
     }
     assert_eq!(files(&dir.join("sharded")), full);
 
-    // Batch size does not change the images.
-    let out = generate(dir, "batch3", &["--per-class", "2", "--batch", "3"])
-        .output()
-        .unwrap();
+    // Neither the batch size nor the number of workers changes the images.
+    let out = generate(
+        dir,
+        "batch3",
+        &["--per-class", "2", "--batch", "3", "--workers", "1"],
+    )
+    .output()
+    .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(files(&dir.join("batch3")), full);
 
