@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps
+.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps bench
 
 all: build
 
@@ -42,3 +42,8 @@ fixtures-venv:
 
 clean-deps:
 	rm -rf .deps
+
+## `make bench`: stage-3 throughput against the Python pipelines (needs `make fixtures-venv`); results go in
+## BENCHMARKS.md by hand, with the command and the machine.
+bench: build
+	.deps/venv/bin/python tools/bench_generate.py

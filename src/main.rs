@@ -215,7 +215,9 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(
         generated = report.generated,
         skipped = report.already_done,
+        workers = report.workers,
         seconds = format!("{:.1}", report.seconds),
+        outside_sessions = format!("{:.1}%", 100.0 * report.outside_sessions),
         "generate done"
     );
     print_stdout(&format!("{}\n", job.out.display()))?;

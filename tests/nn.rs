@@ -150,14 +150,16 @@ fn fresh_init_follows_the_official_recipe() {
         (std - (2.0f64 / 576.0).sqrt()).abs() < 0.003,
         "conv std {std}"
     );
-    // Linear: PyTorch default, U(±1/√512) for weight and bias.
+    // Linear: PyTorch default, U(±1/√512) for weight and bias (tch's own default would be √(6/512)). The
+    // largest of 5120 uniform draws exceeds 0.95·bound with probability 1 − 0.95^5120 ≈ 1; the 10 biases are
+    // only checked against the bound.
     let bound = 1.0 / 512f64.sqrt();
-    for name in ["fc.weight", "fc.bias"] {
-        let max = vars[name].abs().max().double_value(&[]);
-        assert!(
-            max <= bound && max > 0.8 * bound,
-            "{name}: max |w| {max}, bound {bound}"
-        );
-    }
+    let max = vars["fc.weight"].abs().max().double_value(&[]);
+    assert!(
+        max <= bound && max > 0.95 * bound,
+        "fc.weight: max |w| {max}, bound {bound}"
+    );
+    let max = vars["fc.bias"].abs().max().double_value(&[]);
+    assert!(max <= bound, "fc.bias: max |b| {max}, bound {bound}");
     assert_eq!(vars["fc.weight"].kind(), Kind::Float);
 }

@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::ReadNpyExt;
@@ -156,6 +156,11 @@ pub struct GenerateReport {
     /// True when the stop flag ended the run early.
     pub interrupted: bool,
     pub seconds: f64,
+    /// Workers that ran.
+    pub workers: usize,
+    /// Share of the workers' generation time spent outside ONNX Runtime session runs (tokenizing, scheduler
+    /// maths, conversions, PNG encoding, writing).
+    pub outside_sessions: f64,
 }
 
 const MANIFEST: &str = "manifest.jsonl";
@@ -451,11 +456,13 @@ pub fn run_generate(
     });
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let failed = AtomicBool::new(false);
+    let busy = Mutex::new((Duration::ZERO, Duration::ZERO)); // (generation wall, session wall), summed over workers
     std::thread::scope(|scope| {
         let mut first = Some(sd);
         for w in 0..workers {
-            let (ctx, batches, next, sink, failure, failed, layout) =
-                (&ctx, &batches, &next, &sink, &failure, &failed, &layout);
+            let (ctx, batches, next, sink, failure, failed, layout, busy) = (
+                &ctx, &batches, &next, &sink, &failure, &failed, &layout, &busy,
+            );
             let own = first.take();
             scope.spawn(move || {
                 let _span = tracing::info_span!("generate", worker = w).entered();
@@ -475,9 +482,17 @@ pub fn run_generate(
                     Ok(sd) => sd,
                     Err(e) => return fail(e),
                 };
+                let (started, session_before) = (Instant::now(), sd.session_time);
+                let account = |sd: &StableDiffusion| {
+                    let mut b = busy.lock().unwrap_or_else(|p| p.into_inner());
+                    b.0 += started.elapsed();
+                    b.1 += sd.session_time - session_before;
+                };
                 while !stop.load(Ordering::SeqCst) && !failed.load(Ordering::SeqCst) {
                     let i = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(batch) = batches.get(i) else { return };
+                    let Some(batch) = batches.get(i) else {
+                        return account(&sd);
+                    };
                     let written = run_batch(&mut sd, batch, ctx).and_then(|entries| {
                         sink.lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -488,6 +503,7 @@ pub fn run_generate(
                         Err(e) => return fail(e),
                     }
                 }
+                account(&sd);
             });
         }
     });
@@ -498,6 +514,13 @@ pub fn run_generate(
         return Err(e);
     }
     report.generated = sink.generated;
+    report.workers = workers;
+    let (wall, sessions) = busy.into_inner().unwrap_or_else(|p| p.into_inner());
+    report.outside_sessions = if wall.is_zero() {
+        0.0
+    } else {
+        1.0 - sessions.as_secs_f64() / wall.as_secs_f64()
+    };
     report.interrupted = report.already_done + report.generated < report.planned;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)

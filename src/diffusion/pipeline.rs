@@ -1,5 +1,7 @@
 //! One generation batch: prompt embeddings with injection → guided denoising loop → VAE decode → 8-bit images.
 
+use std::time::{Duration, Instant};
+
 use ndarray::{ArrayD, Axis, concatenate};
 
 use super::model_dir::SdModelDir;
@@ -38,6 +40,8 @@ pub struct StableDiffusion {
     pub vae: VaeDecoder,
     /// `encode("")`, `[1, 77, D]`, computed once.
     uncond: ArrayD<f32>,
+    /// Wall time spent inside ONNX Runtime session runs (for the overhead figure of `generate`).
+    pub session_time: Duration,
 }
 
 impl StableDiffusion {
@@ -54,6 +58,7 @@ impl StableDiffusion {
             unet,
             vae,
             uncond,
+            session_time: Duration::ZERO,
         })
     }
 
@@ -110,7 +115,9 @@ impl StableDiffusion {
                 .expect("invariant: same shapes");
             let model_input = scheduler.scale_model_input(&doubled, t)?;
             // 2. one UNet call on the batch [2B, 4, h, w]
+            let start = Instant::now();
             let out = self.unet.predict(model_input, t, context.clone())?;
+            self.session_time += start.elapsed();
             // 3. guidance: ε_u + s·(ε_c − ε_u)
             let (eps_u, eps_c) = out.view().split_at(Axis(0), batch);
             let eps = &eps_u + &((&eps_c - &eps_u) * guidance);
@@ -126,7 +133,9 @@ impl StableDiffusion {
         latents: &ArrayD<f32>,
         quantize: Quantize,
     ) -> Result<(Vec<usize>, Vec<u8>)> {
+        let start = Instant::now();
         let decoded = self.vae.decode(latents / self.dir.vae_scaling_factor)?; // [B, 3, H, W]
+        self.session_time += start.elapsed();
         let nhwc = decoded.permuted_axes(vec![0, 2, 3, 1]); // [B, H, W, 3]
         let shape = nhwc.shape().to_vec();
         let pixels = nhwc
