@@ -24,3 +24,7 @@ mod nn;
 
 /// The ONNX exporter: libtorch parity of every ResNet (BN folded), scores, threshold, baked preprocessing.
 mod export;
+
+/// Stage 2 `dream-ood sample`: kNN vs scikit-learn, both modes vs the Python port of the official code,
+/// the CLI end to end (shape, norms, sidecar, determinism, errors).
+mod sampling;
