@@ -68,40 +68,79 @@ pub enum SampleMode {
     Official,
 }
 
+/// Whether the candidates of one sampler call share their Gaussian draws (SPEC §7 item 3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseSharing {
+    /// The same `candidates` draws perturb every boundary point of a call, as the official code does
+    /// (`scripts/KNN.py:L79`): outliers of different anchors are correlated. The default.
+    #[default]
+    Shared,
+    /// Fresh draws for each boundary point: independent candidates, `anchors` times more random numbers.
+    PerAnchor,
+}
+
 /// `[sample]`: stage 2, kNN boundary sampling of outlier (or inlier) embeddings. Defaults are the CIFAR-100
-/// outlier settings of the official code (`scripts/get_embed_cifar100.py:L17-L20,L42,L61-L69`).
+/// outlier settings of the official code (`scripts/get_embed_cifar100.py:L17-L20,L42,L61-L69`). The
+/// paper's other sets (SPEC §2.4): ImageNet-100 outliers `sigma = 0.03, select = 200`; inliers
+/// `inliers = true, sigma = 0.01, select = 1000, anchors = 100, keep = 1` (`--inliers` alone changes
+/// no other default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SampleConfig {
+    /// The stage-1 feature bank `[C, N, D]` float32 `.npy`; a `BANK.json` beside it with `{"counts": [...]}`
+    /// gives each class's filled rows. Relative to the config file's folder. Required; no default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bank: Option<PathBuf>,
+    /// The class token embeddings `[C, D]` `.npy` (the official `token_embed_c100.npy`). Relative to the
+    /// config file's folder. Required; no default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<PathBuf>,
+    /// Output `[C, per_class, D]` float32 `.npy` (a `.json` sidecar is written beside it). Relative to the
+    /// config file's folder. Default `<run.out_dir>/sample/outliers.npy` (`inliers.npy` with `inliers`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
     /// `intended` (default) or `official`.
     pub mode: SampleMode,
-    /// Sample inliers (near class centres) instead of outliers. Default false.
+    /// Sample inliers (densest points, smallest kNN distances) instead of outliers (the official `--shift 1`
+    /// of `get_embed_cifar100.py`, `--inlier 1` of `get_embed_in100.py`). Default false.
     pub inliers: bool,
     /// k of the kNN distance that ranks boundary points and filters candidates. Default 300.
     pub k: usize,
     /// Boundary points selected per class (largest k-th neighbour distance). Default 50.
     pub select: usize,
+    /// Boundary points perturbed per sampler call, drawn without replacement from the `select` ones (the
+    /// official `pic_nums`). Default 50.
+    pub anchors: usize,
     /// Candidates kept per boundary point after the kNN filter. Default 2.
     pub keep: usize,
     /// Standard deviation of the Gaussian perturbation on the unit sphere. Default 0.07 (ImageNet-100: 0.03).
     pub sigma: f64,
     /// Gaussian draws per boundary point. Default 1500.
     pub candidates: usize,
-    /// Embeddings written per class. Default 10000.
+    /// Embeddings written per class; calls of `anchors × keep` rows repeat until there are this many (the
+    /// last call is cut short when it does not divide). Default 10000.
     pub per_class: usize,
+    /// `shared` (default, as the official code) or `per_anchor` Gaussian draws.
+    pub noise: NoiseSharing,
 }
 
 impl Default for SampleConfig {
     fn default() -> Self {
         SampleConfig {
+            bank: None,
+            tokens: None,
+            out: None,
             mode: SampleMode::Intended,
             inliers: false,
             k: 300,
             select: 50,
+            anchors: 50,
             keep: 2,
             sigma: 0.07,
             candidates: 1500,
             per_class: 10_000,
+            noise: NoiseSharing::Shared,
         }
     }
 }
@@ -174,6 +213,50 @@ impl Default for GenerateConfig {
     }
 }
 
+impl SampleConfig {
+    /// Checks ranges and cross-field rules; an error names the field (`sigma`) and says why.
+    pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
+        for (key, value) in [
+            ("k", self.k),
+            ("select", self.select),
+            ("anchors", self.anchors),
+            ("keep", self.keep),
+            ("candidates", self.candidates),
+            ("per_class", self.per_class),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1, got 0".to_owned()));
+            }
+        }
+        if !(self.sigma.is_finite() && self.sigma > 0.0) {
+            return Err((
+                "sigma",
+                format!("must be a positive number, got {}", self.sigma),
+            ));
+        }
+        if self.keep > self.candidates {
+            return Err((
+                "keep",
+                format!(
+                    "keeps {} of {} candidates per boundary point; keep must not exceed candidates",
+                    self.keep, self.candidates
+                ),
+            ));
+        }
+        if self.anchors > self.select {
+            return Err((
+                "anchors",
+                format!(
+                    "draws {} of {} boundary points per call without replacement; anchors must not exceed \
+                     select",
+                    self.anchors, self.select
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A compute device named in a config or on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -212,6 +295,15 @@ impl Config {
         if config.run.out_dir.is_relative() {
             config.run.out_dir = base.join(&config.run.out_dir);
         }
+        let sample = &mut config.sample;
+        for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         Ok(config)
     }
 
@@ -231,32 +323,8 @@ impl Config {
         if let Err(msg) = self.run.device.parse::<DeviceSpec>() {
             return Err(bad("run.device", msg));
         }
-        let s = &self.sample;
-        for (key, value) in [
-            ("sample.k", s.k),
-            ("sample.select", s.select),
-            ("sample.keep", s.keep),
-            ("sample.candidates", s.candidates),
-            ("sample.per_class", s.per_class),
-        ] {
-            if value == 0 {
-                return Err(bad(key, "must be at least 1, got 0".to_owned()));
-            }
-        }
-        if !(s.sigma.is_finite() && s.sigma > 0.0) {
-            return Err(bad(
-                "sample.sigma",
-                format!("must be a positive number, got {}", s.sigma),
-            ));
-        }
-        if s.keep > s.candidates {
-            return Err(bad(
-                "sample.keep",
-                format!(
-                    "keeps {} of {} candidates per boundary point; keep must not exceed candidates",
-                    s.keep, s.candidates
-                ),
-            ));
+        if let Err((field, msg)) = self.sample.check() {
+            return Err(bad(&format!("sample.{field}"), msg));
         }
         Ok(())
     }
@@ -395,8 +463,8 @@ mod tests {
         let msg = parse_err("[run]\nseed = 1\n\n[sample]\nk = 5\nsigm = 0.1\n");
         assert_eq!(
             msg,
-            "c.toml:6: sample.sigm: unknown key; did you mean `sigma`? (valid keys: mode, inliers, k, select, \
-             keep, sigma, candidates, per_class)"
+            "c.toml:6: sample.sigm: unknown key; did you mean `sigma`? (valid keys: bank, tokens, out, mode, \
+             inliers, k, select, anchors, keep, sigma, candidates, per_class, noise)"
         );
     }
 

@@ -31,5 +31,6 @@ pub mod nn;
 pub mod onnx;
 pub mod progress;
 pub mod runtime;
+pub mod sampling;
 
 pub use error::{Error, Result};

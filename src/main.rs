@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use dream_ood::config::Config;
+use dream_ood::config::{Config, DeviceSpec, NoiseSharing, SampleMode};
 use dream_ood::eval::fpr::Convention;
 
 /// Dream-OOD: imagine outliers with Stable Diffusion and train OOD detectors on them.
@@ -60,6 +60,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stage 2: sample outlier (or inlier) embeddings at the boundary of each class's stage-1 features.
+    ///
+    /// Writes OUT.npy [C, per_class, D] float32 (what the official get_embed_*.py writes) and OUT.json.
+    /// Give a config (its [sample] and [run] tables) or the flags; flags override the config. Defaults are
+    /// the official CIFAR-100 outlier settings; inliers as in the paper: --inliers --sigma 0.01
+    /// --select 1000 --anchors 100 --keep 1.
+    Sample(Box<SampleArgs>),
     /// Decode outlier embeddings into images with Stable Diffusion on ONNX Runtime (stage 3).
     ///
     /// Writes OUT/<class_index>/<k>.png, OUT/manifest.jsonl and OUT/run.json. Rerunning the same command
@@ -128,6 +135,61 @@ struct GenerateArgs {
     /// Initial latents [K, 4, h, w] float32 .npy instead of seeded noise.
     #[arg(long)]
     init_latents: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_override_self = true)]
+struct SampleArgs {
+    /// A TOML config; its [sample] table gives the settings and paths, [run] the seed and device.
+    config: Option<PathBuf>,
+    /// Stage-1 feature bank [C, N, D] .npy (BANK.json beside it may give per-class row counts).
+    #[arg(long, value_name = "BANK.npy")]
+    bank: Option<PathBuf>,
+    /// Class token embeddings [C, D] .npy.
+    #[arg(long, value_name = "TOKENS.npy")]
+    tokens: Option<PathBuf>,
+    /// Output .npy (default <out_dir>/sample/outliers.npy or inliers.npy); OUT.json is written beside it.
+    #[arg(long, value_name = "OUT.npy")]
+    out: Option<PathBuf>,
+    /// intended (the paper's method, the official code's bugs fixed) or official (bugs included).
+    #[arg(long, value_parser = ["intended", "official"])]
+    mode: Option<String>,
+    /// Sample inliers (densest points, smallest kNN distances) instead of outliers.
+    #[arg(long)]
+    inliers: bool,
+    /// k of the k-th nearest-neighbour distance [default: 300].
+    #[arg(long)]
+    k: Option<usize>,
+    /// Boundary points per class [default: 50].
+    #[arg(long)]
+    select: Option<usize>,
+    /// Boundary points perturbed per call, drawn from the selected ones [default: 50].
+    #[arg(long)]
+    anchors: Option<usize>,
+    /// Candidates kept per boundary point [default: 2].
+    #[arg(long)]
+    keep: Option<usize>,
+    /// Gaussian perturbation std on the unit sphere [default: 0.07].
+    #[arg(long)]
+    sigma: Option<f64>,
+    /// Gaussian draws per boundary point per call [default: 1500].
+    #[arg(long)]
+    candidates: Option<usize>,
+    /// Embeddings written per class [default: 10000].
+    #[arg(long, value_name = "N")]
+    per_class: Option<usize>,
+    /// Gaussian draws shared by a call's boundary points (official) or drawn per anchor.
+    #[arg(long, value_parser = ["shared", "per_anchor"])]
+    noise: Option<String>,
+    /// Seed of every random draw [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto, cpu, cuda or cuda:N [default: auto].
+    #[arg(long)]
+    device: Option<String>,
+    /// CPU threads (0: all cores); the output does not depend on it.
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,5 +341,74 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print_stdout(&text)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Sample(args) => {
+            let job = sample_job(*args)?;
+            dream_ood::sampling::run(&job, &cli::progress::TermProgress::new())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Merges the config (when given) and the flags into one stage-2 job; flags win.
+fn sample_job(args: SampleArgs) -> anyhow::Result<dream_ood::sampling::SampleJob> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let (mut s, run) = (config.sample, config.run);
+    s.bank = args.bank.or(s.bank);
+    s.tokens = args.tokens.or(s.tokens);
+    s.out = args.out.or(s.out);
+    if let Some(mode) = args.mode {
+        s.mode = if mode == "official" {
+            SampleMode::Official
+        } else {
+            SampleMode::Intended
+        };
+    }
+    s.inliers |= args.inliers;
+    s.k = args.k.unwrap_or(s.k);
+    s.select = args.select.unwrap_or(s.select);
+    s.anchors = args.anchors.unwrap_or(s.anchors);
+    s.keep = args.keep.unwrap_or(s.keep);
+    s.sigma = args.sigma.unwrap_or(s.sigma);
+    s.candidates = args.candidates.unwrap_or(s.candidates);
+    s.per_class = args.per_class.unwrap_or(s.per_class);
+    if let Some(noise) = args.noise {
+        s.noise = if noise == "per_anchor" {
+            NoiseSharing::PerAnchor
+        } else {
+            NoiseSharing::Shared
+        };
+    }
+    if let Err((field, msg)) = s.check() {
+        anyhow::bail!("--{}: {msg}", field.replace('_', "-"));
+    }
+    let need = |p: &Option<PathBuf>, flag: &str| {
+        p.clone()
+            .with_context(|| format!("--{flag} is required (or sample.{flag} in a config)"))
+    };
+    let (bank, tokens) = (need(&s.bank, "bank")?, need(&s.tokens, "tokens")?);
+    let out = s.out.clone().unwrap_or_else(|| {
+        let name = if s.inliers {
+            "inliers.npy"
+        } else {
+            "outliers.npy"
+        };
+        run.out_dir.join("sample").join(name)
+    });
+    let device_name = args.device.unwrap_or(run.device);
+    let spec: DeviceSpec = device_name
+        .parse()
+        .map_err(|msg: String| anyhow::anyhow!("--device: {msg}"))?;
+    Ok(dream_ood::sampling::SampleJob {
+        bank,
+        tokens,
+        out,
+        settings: s,
+        seed: args.seed.unwrap_or(run.seed),
+        device: dream_ood::runtime::resolve_device(spec)?,
+        threads: args.threads.unwrap_or(run.threads),
+        chunk_bytes: dream_ood::sampling::knn::DEFAULT_CHUNK_BYTES,
+    })
 }

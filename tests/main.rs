@@ -30,3 +30,7 @@ mod tiny_sd;
 
 /// `dream-ood generate`: outputs and manifest, resume after a kill, shards equal one run, bad input.
 mod generate;
+
+/// Stage 2 `dream-ood sample`: kNN vs scikit-learn, both modes vs the Python port of the official code,
+/// the CLI end to end (shape, norms, sidecar, determinism, errors).
+mod sampling;
