@@ -24,3 +24,6 @@ mod nn;
 
 /// The ONNX exporter: libtorch parity of every ResNet (BN folded), scores, threshold, baked preprocessing.
 mod export;
+
+/// `src/data/`: transforms against torchvision with its draws replayed.
+mod data;

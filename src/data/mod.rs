@@ -16,7 +16,7 @@
 //!
 //! What the official code does with these pieces (SPEC §1.4, §4.2, §5.3): CIFAR training uses
 //! flip → RandomCrop(32, padding 4) → ToTensor → Normalize; ImageNet-100 uses RandomResizedCrop(224) → flip;
-//! tests use Resize(256) → CenterCrop(224). The transforms and the loader come with them.
+//! tests use Resize(256) → CenterCrop(224). [`transforms::Pipeline`] has those as presets.
 //!
 //! A corrupt or unreadable file is handled by [`OnError`]: skipped with a warning and counted in the
 //! open report ([`Dataset::skipped`]) or the loader's epoch summary, or an error.
@@ -27,6 +27,8 @@ pub mod idx;
 pub mod image;
 pub mod manifest;
 pub mod mnist_json;
+pub mod resize;
+pub mod transforms;
 
 use std::fs::File;
 use std::io::Read;
@@ -35,6 +37,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use self::image::RawImage;
+pub use transforms::Pipeline;
 
 use crate::{Error, Result};
 
