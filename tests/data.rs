@@ -1,18 +1,26 @@
 //! `dream_ood::data` through its public API: the transforms against torchvision 0.26 with its own random
-//! draws replayed (`tests/fixtures/data/`, made by `tools/make_transform_fixtures.py`).
+//! draws replayed (`tests/fixtures/data/`, made by `tools/make_transform_fixtures.py`), and every source
+//! format end to end through the loader, on tiny files written here.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ndarray::ArrayD;
 use serde::Deserialize;
 use serde_json::Value;
 
-use dream_ood::data::RawImage;
+use dream_ood::data::cifar::{CifarDataset, CifarKind};
+use dream_ood::data::folder::ImageFolder;
+use dream_ood::data::idx::{IdxDataset, Split};
+use dream_ood::data::manifest::GeneratedFolder;
+use dream_ood::data::mnist_json::MnistJson;
 use dream_ood::data::transforms::{
     CropBox, Draws, Normalize, Pipeline, Size, Transform, resized_crop_params,
 };
+use dream_ood::data::{Dataset, Loader, LoaderConfig, OnError, RawImage};
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
@@ -273,4 +281,205 @@ fn resized_crop_boxes_equal_torchvision_get_params() {
         fallbacks += usize::from(p.draws.len() == 20);
     }
     assert!(fallbacks > 0, "no case exercised the fallback");
+}
+
+// --- sources end to end -----------------------------------------------------------------------------
+
+fn gz(path: &Path, bytes: &[u8]) {
+    let mut e = flate2_writer(path);
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap();
+}
+
+fn flate2_writer(path: &Path) -> flate2::write::GzEncoder<std::fs::File> {
+    flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), Default::default())
+}
+
+fn idx(dims: &[u32], values: &[u8]) -> Vec<u8> {
+    let mut out = vec![0, 0, 0x08, dims.len() as u8];
+    for d in dims {
+        out.extend_from_slice(&d.to_be_bytes());
+    }
+    out.extend_from_slice(values);
+    out
+}
+
+fn loader_cfg(batch_size: usize, on_error: OnError) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        shuffle: false,
+        seed: 5,
+        threads: 2,
+        prefetch: 2,
+        on_error,
+    }
+}
+
+fn plain(channels: usize) -> Pipeline {
+    Pipeline {
+        channels,
+        transforms: vec![],
+        normalize: None,
+    }
+}
+
+#[test]
+fn idx_pair_gzipped_or_not_gray_to_three_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let pixels: Vec<u8> = (0..3 * 4 * 5).map(|v| (v * 4) as u8).collect();
+    let (img, lab) = (idx(&[3, 4, 5], &pixels), idx(&[3], &[2, 8, 5]));
+    std::fs::write(dir.path().join("t10k-images-idx3-ubyte"), &img).unwrap();
+    std::fs::write(dir.path().join("t10k-labels-idx1-ubyte"), &lab).unwrap();
+    gz(&dir.path().join("train-images-idx3-ubyte.gz"), &img);
+    gz(&dir.path().join("train-labels-idx1-ubyte.gz"), &lab);
+    let test = IdxDataset::open_dir(dir.path(), Split::Test).unwrap();
+    let train = IdxDataset::open_dir(dir.path(), Split::Train).unwrap();
+    for ds in [test, train] {
+        let loader = Loader::new(Arc::new(ds), plain(3), loader_cfg(2, OnError::Fail)).unwrap();
+        let batches: Vec<_> = loader.epoch(0).unwrap().map(|b| b.unwrap()).collect();
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[0].images.size(), [2, 3, 4, 5]);
+        assert_eq!(batches[1].images.size(), [1, 3, 4, 5]);
+        let labels: Vec<i64> = Vec::try_from(&batches[0].labels).unwrap();
+        assert_eq!(labels, [2, 8]);
+        // Image 1, pixel (row 0, col 1) = byte 21 → 84/255 in all three channels.
+        let img1 = batches[0].images.get(1);
+        for c in 0..3 {
+            let v = img1.double_value(&[c, 0, 1]);
+            assert!((v - 84.0 / 255.0).abs() < 1e-6, "channel {c}: {v}");
+        }
+    }
+}
+
+#[test]
+fn cifar100_two_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut bytes = Vec::new();
+    for (coarse, fine, base) in [(4u8, 30u8, 0u8), (11, 77, 100)] {
+        bytes.extend([coarse, fine]);
+        for plane in 0..3u8 {
+            bytes.extend(
+                (0..1024).map(|p| base.wrapping_add(plane * 50).wrapping_add((p % 7) as u8)),
+            );
+        }
+    }
+    std::fs::write(dir.path().join("test.bin"), &bytes).unwrap();
+    let ds =
+        CifarDataset::open_dir(dir.path(), CifarKind::Cifar100Fine, false, OnError::Fail).unwrap();
+    let loader = Loader::new(
+        Arc::new(ds),
+        Pipeline::cifar_test(),
+        loader_cfg(8, OnError::Fail),
+    )
+    .unwrap();
+    let batch = loader.epoch(0).unwrap().next().unwrap().unwrap();
+    assert_eq!(batch.images.size(), [2, 3, 32, 32]);
+    assert_eq!(Vec::<i64>::try_from(&batch.labels).unwrap(), [30, 77]);
+    // Record 1, green plane, pixel 3: 100 + 50 + 3 = 153, CIFAR-normalised in float32.
+    let n = Normalize::cifar();
+    let want = (153f32 / 255.0 - n.mean[1] as f32) / n.std[1] as f32;
+    let got = batch.images.double_value(&[1, 1, 0, 3]) as f32;
+    assert_eq!(got, want);
+}
+
+#[test]
+fn image_folder_with_a_corrupt_file_skips_or_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    for (class, name, v) in [
+        ("cat", "a.png", 10u8),
+        ("cat", "b.png", 20),
+        ("dog", "c.png", 30),
+    ] {
+        std::fs::create_dir_all(r.join(class)).unwrap();
+        image::RgbImage::from_raw(8, 6, vec![v; 8 * 6 * 3])
+            .unwrap()
+            .save(r.join(class).join(name))
+            .unwrap();
+    }
+    std::fs::write(r.join("dog/broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    std::fs::write(r.join("dog/readme.txt"), b"not an image").unwrap();
+    let ds = Arc::new(ImageFolder::open(r).unwrap());
+    assert_eq!(ds.classes(), ["cat".to_string(), "dog".to_string()]);
+    assert_eq!(ds.len(), 4);
+
+    let loader = Loader::new(ds.clone(), plain(3), loader_cfg(4, OnError::Skip)).unwrap();
+    let mut epoch = loader.epoch(0).unwrap();
+    let batch = epoch.next().unwrap().unwrap();
+    assert!(epoch.next().is_none());
+    assert_eq!(batch.images.size(), [3, 3, 6, 8]);
+    assert_eq!(Vec::<i64>::try_from(&batch.labels).unwrap(), [0, 0, 1]);
+    let summary = epoch.summary();
+    assert_eq!(summary.loaded, 3);
+    assert_eq!(summary.skipped.len(), 1);
+    assert!(summary.skipped[0].what.ends_with("broken.png"));
+
+    let loader = Loader::new(ds, plain(3), loader_cfg(4, OnError::Fail)).unwrap();
+    let err = loader
+        .epoch(0)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("broken.png"), "{err}");
+}
+
+#[test]
+fn mnist_json_package_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let digits = dir.path().join("package/src/digits");
+    std::fs::create_dir_all(&digits).unwrap();
+    for c in 0..10usize {
+        let vals: Vec<String> = (0..784)
+            .map(|p| format!("{:.3}", ((p + c) % 256) as f64 / 255.0))
+            .collect();
+        std::fs::write(
+            digits.join(format!("{c}.json")),
+            format!("{{\"data\":[{}]}}", vals.join(",")),
+        )
+        .unwrap();
+    }
+    let ds = MnistJson::open_dir(dir.path(), OnError::Fail).unwrap();
+    assert_eq!(ds.len(), 10);
+    let img = ds.get(7).unwrap();
+    assert_eq!(img.data()[0..3], [7, 8, 9]);
+    assert_eq!(ds.label(7), 7);
+}
+
+#[test]
+fn generated_folder_manifest_resized_to_the_id_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    let mut lines = Vec::new();
+    for (i, class) in [4i64, 1, 4].iter().enumerate() {
+        let rel = format!("{class}/{i:05}.png");
+        std::fs::create_dir_all(r.join(class.to_string())).unwrap();
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([x as u8 * 4, y as u8 * 4, i as u8])
+        })
+        .save(r.join(&rel))
+        .unwrap();
+        lines.push(format!(
+            r#"{{"file": "{rel}", "class_index": {class}, "class_name": "x", "seed": {i}, "steps": 50}}"#
+        ));
+    }
+    std::fs::write(r.join("manifest.jsonl"), lines.join("\n") + "\n").unwrap();
+    let ds = Arc::new(GeneratedFolder::open(r).unwrap());
+    let mut cfg = loader_cfg(3, OnError::Fail);
+    cfg.shuffle = true;
+    let loader = Loader::new(ds, Pipeline::cifar_outliers(), cfg).unwrap();
+    let batch = loader.epoch(1).unwrap().next().unwrap().unwrap();
+    assert_eq!(batch.images.size(), [3, 3, 32, 32]);
+    let labels: Vec<i64> = Vec::try_from(&batch.labels).unwrap();
+    let want: Vec<i64> = batch.indices.iter().map(|&i| [4, 1, 4][i]).collect();
+    assert_eq!(labels, want);
+
+    std::fs::write(
+        r.join("manifest.jsonl"),
+        "{\"path\": \"4/00000.png\", \"class\": 4}\nnot json\n",
+    )
+    .unwrap();
+    let err = GeneratedFolder::open(r).unwrap_err().to_string();
+    assert!(err.contains("manifest.jsonl:2:"), "{err}");
 }

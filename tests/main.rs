@@ -25,5 +25,6 @@ mod nn;
 /// The ONNX exporter: libtorch parity of every ResNet (BN folded), scores, threshold, baked preprocessing.
 mod export;
 
-/// `src/data/`: transforms against torchvision with its draws replayed.
+/// `src/data/`: transforms against torchvision with its draws replayed, every source format through the
+/// loader, corrupt files skipped or failing.
 mod data;

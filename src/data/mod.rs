@@ -19,12 +19,13 @@
 //! tests use Resize(256) → CenterCrop(224). [`transforms::Pipeline`] has those as presets.
 //!
 //! A corrupt or unreadable file is handled by [`OnError`]: skipped with a warning and counted in the
-//! open report ([`Dataset::skipped`]) or the loader's epoch summary, or an error.
+//! open report ([`Dataset::skipped`]) or the epoch summary ([`loader::EpochSummary`]), or an error.
 
 pub mod cifar;
 pub mod folder;
 pub mod idx;
 pub mod image;
+pub mod loader;
 pub mod manifest;
 pub mod mnist_json;
 pub mod resize;
@@ -37,6 +38,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 pub use self::image::RawImage;
+pub use loader::{Batch, Loader, LoaderConfig};
 pub use transforms::Pipeline;
 
 use crate::{Error, Result};
