@@ -15,7 +15,7 @@ Inputs: small PNGs generated below from numpy's PCG64 (`default_rng(SEED)`): noi
 pattern, RGB and gray, odd sizes so that every rounding rule is exercised.
 
 Source: torchvision 0.26.0, torch 2.11, Pillow 13.0, numpy 2.4 (the project's fixture venv), seed 20261126.
-Writes:  tests/fixtures/data/images/*.png    the inputs
+Writes:  tests/fixtures/data/images/*        the inputs (PNG; JPEG and WebP for the decoding check)
          tests/fixtures/data/cases.json      every case: image, channels, transforms, normalisation, draws,
                                              expected-output file, and for resizes the tensor-path file
          tests/fixtures/data/out/*.npy       expected outputs: uint8 HWC (PIL image) or float32 CHW (tensor)
@@ -24,7 +24,9 @@ Tolerance: 0 on every PIL-path output (uint8 and float32 alike: Pillow's fixed-p
 exactly, and ToTensor/Normalize are the same float32 operations). Resize is also compared with torchvision's
 tensor path (`antialias=True` on a float tensor): that path does not round to uint8 between its two passes nor
 at the end, so it differs from Pillow by up to `tensor_path_max_abs_diff` levels (recorded in cases.json; the
-test allows that bound).
+test allows that bound). Decoding (`RawImage::open` against `np.asarray(Image.open(...))`): PNG and WebP
+exact; JPEG within 3 levels (mean under 0.5) because zune-jpeg and libjpeg-turbo round their IDCT and chroma
+upsampling differently.
 """
 
 import json
@@ -217,6 +219,23 @@ def main():
             params.append({"height": shape[0], "width": shape[1], "scale": [0.08, 1.0], "ratio": [3 / 4, 4 / 3],
                            "draws": list(DRAWS), "box": [i, j, h, w]})
 
+    # Decoding lossy formats: Pillow (libjpeg-turbo, libwebp) against the Rust decoders (zune-jpeg,
+    # image-webp). The pixels a network sees depend on the decoder, so record Pillow's.
+    decodes = []
+    for name, fmt, opts in [("smooth_jpeg", "JPEG", {"quality": 90}), ("noise_jpeg", "JPEG", {"quality": 75}),
+                            ("smooth_gray_jpeg", "JPEG", {"quality": 90}),
+                            ("smooth_webp", "WEBP", {"quality": 80}), ("lossless_webp", "WEBP", {"lossless": True})]:
+        src = images["gray_20x31" if "gray" in name else ("rgb_37x23" if "noise" in name else "rgb_64x48")]
+        ext = "jpg" if fmt == "JPEG" else "webp"
+        path = ROOT / "images" / f"{name}.{ext}"
+        src.save(path, fmt, **opts)
+        arr = np.asarray(Image.open(path), dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        np.save(ROOT / "out" / f"decode_{name}.npy", arr)
+        decodes.append({"image": f"images/{name}.{ext}", "expected": f"out/decode_{name}.npy",
+                        "lossless": name.startswith("lossless")})
+
     doc = {
         "source": f"torchvision {torchvision.__version__}, torch {torch.__version__}, "
                   f"Pillow {Image.__version__}, numpy {np.__version__}, seed {SEED}",
@@ -224,6 +243,7 @@ def main():
         "tensor_path_max_abs_diff": math.ceil(tensor_diff * 1000) / 1000,
         "cases": cases,
         "rrc_params": params,
+        "decodes": decodes,
     }
     (ROOT / "cases.json").write_text(json.dumps(doc, indent=1) + "\n")
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
