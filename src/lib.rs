@@ -24,6 +24,7 @@
 //! still lacks.
 
 pub mod config;
+pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod eval;

@@ -34,3 +34,7 @@ mod generate;
 /// Stage 2 `dream-ood sample`: kNN vs scikit-learn, both modes vs the Python port of the official code,
 /// the CLI end to end (shape, norms, sidecar, determinism, errors).
 mod sampling;
+
+/// `src/data/`: transforms against torchvision with its draws replayed, every source format through the
+/// loader, corrupt files skipped or failing.
+mod data;
