@@ -18,10 +18,11 @@
 //! ```
 //!
 //! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
-//! devices, `doctor`), [`nn`] (PyTorch-compatible ResNets), [`onnx`] (ONNX files, graph builder, the SD
-//! text-encoder edit, the detector exporter), [`diffusion`] (the SD schedulers), [`eval`] (exact OOD
-//! metrics), [`progress`] (progress events) and [`error`]. The README's status table says what each stage
-//! still lacks.
+//! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
+//! ResNets), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
+//! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
+//! [`eval`] (exact OOD metrics), [`progress`] (progress events) and [`error`]. The README's status table says
+//! what each stage still lacks.
 
 pub mod config;
 pub mod data;

@@ -135,7 +135,7 @@ def diffusers_torch() -> None:
 
     torch.set_num_threads(CORES)
     tok = CLIPTokenizer(str(MODEL / "tokenizer" / "vocab.json"), str(MODEL / "tokenizer" / "merges.txt"),
-                        pad_token="<|endoftext|>")
+                        pad_token="<|endoftext|>", model_max_length=77)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(MODEL / "torch" / "vae"),
         text_encoder=CLIPTextModel.from_pretrained(MODEL / "torch" / "text_encoder"), tokenizer=tok,
