@@ -178,6 +178,9 @@ pub struct GenerateConfig {
     pub image_size: usize,
     /// `round` (default, diffusers) or `floor` (the official script's truncation).
     pub quantize: String,
+    /// Resize the images to this size (bilinear, as the official 512 → 256) before quantising; 0 keeps the
+    /// decoder's size. Default 0.
+    pub resize: usize,
     /// Execution provider: `cpu` (default) or `cuda` / `cuda:N` (a `make build-gpu` binary).
     pub ep: String,
     /// ONNX Runtime intra-op threads per session; 0 = cores / workers. Default 0.
@@ -205,6 +208,7 @@ impl Default for GenerateConfig {
             seed: 42,
             image_size: 512,
             quantize: "round".to_owned(),
+            resize: 0,
             ep: "cpu".to_owned(),
             threads: 0,
             workers: 0,

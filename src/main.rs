@@ -120,6 +120,9 @@ struct GenerateArgs {
     /// round or floor [default: round].
     #[arg(long)]
     quantize: Option<String>,
+    /// Resize images to N×N before quantising (official: --resize 256 --quantize floor) [default: 0 = keep].
+    #[arg(long, value_name = "N")]
+    resize: Option<usize>,
     /// cpu, cuda or cuda:N [default: cpu].
     #[arg(long)]
     ep: Option<String>,
@@ -245,7 +248,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = Some(abs(v)); })* };
     }
     set!(
-        steps, guidance, scheduler, batch, seed, image_size, quantize, ep, threads
+        steps, guidance, scheduler, batch, seed, image_size, quantize, resize, ep, threads, workers
     );
     set_path!(model, embeddings, classes, out, init_latents);
     if args.per_class.is_some() || args.total.is_some() {

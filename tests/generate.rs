@@ -145,6 +145,32 @@ fn generates_resumes_and_shards_agree() {
     .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(files(&dir.join("batch3")), full);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("batch3/run.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            run["job"]["workers"].as_u64(),
+            run["job"]["batch_size"].as_u64()
+        ),
+        (Some(1), Some(3))
+    );
+
+    // The official post-processing: bilinear 2x down, then truncation.
+    let out = generate(
+        dir,
+        "official",
+        &["--per-class", "1", "--resize", "8", "--quantize", "floor"],
+    )
+    .output()
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let official = files(&dir.join("official"));
+    assert_eq!(official.len(), 3);
+    for png in official.values() {
+        let img = image::load_from_memory(png).unwrap();
+        assert_eq!((img.width(), img.height()), (8, 8));
+    }
 
     // Other settings into the same folder are refused.
     let out = generate(dir, "full", &["--per-class", "2", "--seed", "7"])

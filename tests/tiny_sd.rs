@@ -164,7 +164,7 @@ fn images_match_diffusers() {
         let final_latents = sd
             .denoise(&cond, latents, &settings, &mut no_noise)
             .unwrap();
-        let (shape, pixels) = sd.decode(&final_latents, Quantize::Round).unwrap();
+        let (shape, pixels) = sd.decode(&final_latents, Quantize::Round, None).unwrap();
         let want_shape: Vec<usize> = case["image_shape"]
             .as_array()
             .unwrap()

@@ -53,6 +53,8 @@ pub struct GenerateJob {
     /// `init_latents`, whose shape decides.
     pub image_size: usize,
     pub quantize: QuantizeMode,
+    /// Resize the decoded images to this size before quantising (the official 512 → 256); `None` keeps them.
+    pub resize: Option<usize>,
     /// Parallel workers, each with its own sessions; 0 = auto ([`worker_layout`]).
     pub workers: usize,
     #[serde(skip)]
@@ -249,7 +251,7 @@ fn plan_id(
     let settings = serde_json::json!({
         "count": job.count, "steps": job.num_inference_steps, "guidance": job.guidance_scale,
         "scheduler": job.scheduler.name(), "seed": job.seed, "image_size": job.image_size,
-        "quantize": job.quantize, "embeddings": embeddings_sha, "models": model_hashes,
+        "quantize": job.quantize, "resize": job.resize, "embeddings": embeddings_sha, "models": model_hashes,
         "init_latents": job.init_latents.as_ref().map(|p| p.display().to_string()),
         "prompts": classes.classes.iter().map(|c| (&c.prompt, &c.embedding_word)).collect::<Vec<_>>(),
     });
@@ -604,7 +606,7 @@ fn run_batch(
         ArrayD::from_shape_vec(IxDyn(&shape), latent_data).expect("invariant: sizes match"); // [B, 4, h, w]
     let mut noise = ImageNoise::new(batch);
     let final_latents = sd.denoise(&cond, latents, &ctx.settings, &mut noise)?;
-    let (img_shape, pixels) = sd.decode(&final_latents, ctx.quantize)?; // [B, H, W, 3]
+    let (img_shape, pixels) = sd.decode(&final_latents, ctx.quantize, job.resize)?; // [B, H, W, 3]
     let (h, w) = (img_shape[1], img_shape[2]);
     let mut entries = Vec::with_capacity(batch.len());
     for (i, img) in batch.iter().enumerate() {
@@ -810,6 +812,7 @@ impl GenerateJob {
             }),
             image_size: cfg.image_size,
             quantize,
+            resize: (cfg.resize > 0).then_some(cfg.resize),
             workers: cfg.workers,
             session: SessionOptions {
                 provider,
