@@ -29,6 +29,7 @@ pub mod data;
 pub mod diffusion;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod nn;
 pub mod onnx;
 pub mod progress;

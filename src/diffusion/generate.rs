@@ -28,7 +28,7 @@ use super::schedulers::{NoiseSource, SchedulerKind};
 use super::session::SessionOptions;
 use super::text_encoder::Injection;
 use crate::error::{Error, Result};
-use crate::onnx::model::write_atomic;
+use crate::files::write_atomic;
 use crate::progress::Progress;
 
 /// Everything a generation run needs, resolved.

@@ -50,16 +50,8 @@ pub fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "model file not found"),
         ));
     }
-    let what = format!("{}", path.display());
-    let mut builder =
-        Session::builder(ort_environment()?).map_err(|e| Error::ort(what.clone(), e))?;
-    if opts.intra_threads > 0 {
-        builder = builder
-            .with_intra_threads(opts.intra_threads)
-            .map_err(|e| Error::ort(what.clone(), e))?;
-    }
-    builder = register_provider(builder, &opts.provider, &what)?;
-    builder
+    let what = path.display().to_string();
+    builder(&what, opts)?
         .commit_from_file(path)
         .map_err(|e| Error::ort(what, e))
 }
@@ -70,16 +62,20 @@ pub fn open_session_from_memory(
     what: &str,
     opts: &SessionOptions,
 ) -> Result<Session> {
+    builder(what, opts)?
+        .commit_from_memory(bytes)
+        .map_err(|e| Error::ort(what, e))
+}
+
+/// A session builder with the threads and provider of `opts`.
+fn builder(what: &str, opts: &SessionOptions) -> Result<ort::session::builder::SessionBuilder> {
     let mut builder = Session::builder(ort_environment()?).map_err(|e| Error::ort(what, e))?;
     if opts.intra_threads > 0 {
         builder = builder
             .with_intra_threads(opts.intra_threads)
             .map_err(|e| Error::ort(what, e))?;
     }
-    builder = register_provider(builder, &opts.provider, what)?;
-    builder
-        .commit_from_memory(bytes)
-        .map_err(|e| Error::ort(what, e))
+    register_provider(builder, &opts.provider, what)
 }
 
 fn register_provider(

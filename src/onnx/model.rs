@@ -12,6 +12,7 @@ use prost::Message;
 
 use super::proto::{ModelProto, TensorProto, tensor_proto};
 use crate::error::{Error, Result};
+use crate::files::write_atomic;
 
 /// Reads and decodes an ONNX model file (weights held in external files stay there).
 pub fn load_model(path: &Path) -> Result<ModelProto> {
@@ -30,25 +31,6 @@ pub fn encode_model(model: &ModelProto) -> Vec<u8> {
 /// Writes a model atomically: into a temporary file beside `path`, then renamed over it.
 pub fn save_model(model: &ModelProto, path: &Path) -> Result<()> {
     write_atomic(path, &encode_model(model))
-}
-
-/// Writes bytes to `path` through a temporary file in the same folder and a rename, so a reader never sees
-/// a half-written file and a crash leaves the old file intact.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(path, e)
-    })
 }
 
 /// The dims of a tensor as `usize`, rejecting negative ones.

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, Array3, ArrayD, Ix2, Ix3};
 use ndarray_npy::{ReadNpyError, ReadNpyExt};
 
+use crate::files::temp_path;
 use crate::{Error, Result};
 
 fn data_error(path: &Path, msg: String) -> Error {
@@ -166,22 +167,6 @@ pub fn read_tokens(path: &Path) -> Result<Array2<f32>> {
     Ok(read_f32(path, 2, "the class token embeddings [C, D]")?
         .into_dimensionality::<Ix2>()
         .expect("invariant: rank checked"))
-}
-
-/// A path beside `target` that the final rename replaces it with (same folder, so the rename is atomic).
-fn temp_path(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
-}
-
-/// Writes `bytes` to `path` atomically (temporary file, then rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// The header of a format-1.0 `.npy` file holding little-endian float32 in C order, padded so the data

@@ -279,7 +279,7 @@ pub fn run(job: &SampleJob, progress: &dyn Progress) -> Result<SampleReport> {
         },
     };
     let json = serde_json::to_vec_pretty(&report).expect("invariant: the report serialises");
-    io::write_atomic(&io::sidecar_path(&job.out), &json)?;
+    crate::files::write_atomic(&io::sidecar_path(&job.out), &json)?;
     tracing::info!(
         secs = format!("{:.1}", report.timings.total_secs),
         "wrote {}",
