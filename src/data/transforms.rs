@@ -47,7 +47,8 @@ pub fn round_half_even(x: f64) -> f64 {
 }
 
 /// The size argument of `Resize`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Size {
     /// `Resize(n)`: the shorter side becomes `n`, the longer `int(n · long / short)`.
     Shorter(usize),
@@ -69,7 +70,8 @@ pub struct CropBox {
 }
 
 /// One uint8 → uint8 step, as the torchvision class of the same name with PIL input.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Transform {
     /// `Resize(size)`, bilinear, antialiased on downscale (Pillow's resampler).
     Resize(Size),
@@ -93,7 +95,7 @@ pub enum Transform {
 }
 
 /// `Normalize(mean, std)` after `ToTensor`, per channel.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Normalize {
     /// Per-channel mean on the 0..1 scale.
     pub mean: Vec<f64>,
@@ -134,7 +136,9 @@ pub struct Chw {
 }
 
 /// Channel conversion, then the transforms in order, then `ToTensor` and the optional `Normalize`.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialisable: checkpoints and exported detectors carry their evaluation pipeline, so `score` and
+/// `serve` preprocess exactly as evaluation did.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Pipeline {
     /// Channels the network wants (1 or 3): gray images become RGB by repetition, colour images gray
     /// by PIL's luma, before anything else (torchvision's ImageFolder loader converts to RGB first too).

@@ -2,7 +2,9 @@
 //! build their ResNets here, so a checkpoint written by one loads in the others (and in PyTorch).
 
 pub mod arch;
+pub mod checkpoint;
 pub mod resnet;
 pub mod weights;
 
+pub use checkpoint::{CheckpointInfo, NetworkSpec};
 pub use resnet::{Depth, ResNet, ResNetConfig, ResNetWithHead, Stem};
