@@ -29,6 +29,7 @@ pub mod loader;
 pub mod manifest;
 pub mod mnist_json;
 pub mod resize;
+pub mod source;
 pub mod transforms;
 
 use std::fs::File;
@@ -39,6 +40,7 @@ use serde::Deserialize;
 
 pub use self::image::RawImage;
 pub use loader::{Batch, Loader, LoaderConfig};
+pub use source::DataSource;
 pub use transforms::Pipeline;
 
 use crate::{Error, Result};
@@ -47,7 +49,7 @@ use crate::{Error, Result};
 ///
 /// `skip` is the default because one bad PNG among 100,000 generated images should not end a training
 /// run; the file is still logged at `warn` and counted, so nothing is lost silently.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnError {
     /// Leave the file out, log a warning and count it.
