@@ -9,13 +9,18 @@
 //! configs/demo.toml:7: sample.sigm: unknown key; did you mean `sigma`? (valid keys: mode, inliers, k, …)
 //! ```
 //!
-//! Tables that exist today: `[run]` (shared settings) and `[sample]` (stage 2). The other stages add their
+//! Tables that exist today: `[run]` (shared settings), `[data]` (datasets and transforms), `[sample]` (stage 2)
+//! and `[generate]` (stage 3). The other stages add their
 //! table here when they land, each as one struct with documented defaults.
 
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::data::DataSource;
+use crate::data::transforms::{Normalize, Pipeline, Size, Transform};
 use crate::error::{Error, Result};
 
 /// A whole config file.
@@ -28,6 +33,8 @@ pub struct Config {
     pub sample: SampleConfig,
     /// Stage 3: decoding outlier embeddings into images with Stable Diffusion.
     pub generate: GenerateConfig,
+    /// The ID and OOD datasets and their transforms, shared by stages 1, 4, evaluation and export.
+    pub data: DataConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -217,6 +224,206 @@ impl Default for GenerateConfig {
     }
 }
 
+/// The training augmentation of ID images (uint8 steps before ToTensor + Normalize).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Augment {
+    /// RandomHorizontalFlip → RandomCrop(size, padding): the CIFAR recipe (SPEC §1.4). The default.
+    #[default]
+    FlipCrop,
+    /// RandomResizedCrop(size) → RandomHorizontalFlip: the ImageNet-100 recipe.
+    ResizedCropFlip,
+    /// RandomCrop(size, padding) only: for images whose mirror image is another class (digits, letters).
+    Crop,
+    /// No augmentation.
+    None,
+}
+
+/// `[data]`: the datasets (see [`crate::data::source`] for a source's keys) and how images become network
+/// inputs. Defaults are the CIFAR settings of the official code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// ID training images (stage 1, stage 4, fitting of the scores that need ID statistics).
+    pub train: Option<DataSource>,
+    /// ID test images (evaluation only; never used for a choice).
+    pub test: Option<DataSource>,
+    /// Held-out ID validation images: threshold calibration at export, and anything else that needs
+    /// unseen ID data. Usually the `train` source with `holdout = { fraction = …, part = "held" }`.
+    pub val: Option<DataSource>,
+    /// Named OOD test sets, `[data.ood.<name>]`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ood: BTreeMap<String, DataSource>,
+    /// Class names in label order (a classes TOML as stage 3 reads; only `name` is used here). When
+    /// absent, the names the format carries, else the label numbers.
+    pub classes: Option<PathBuf>,
+    /// Channels the network takes (gray images are repeated). Default 3.
+    pub channels: usize,
+    /// Network input side in pixels. Default 32.
+    pub size: usize,
+    /// Zero padding of the random crop. Default 4.
+    pub padding: usize,
+    /// Training augmentation. Default `flip_crop`.
+    pub augment: Augment,
+    /// Evaluation: Resize(shorter side = eval_resize) → CenterCrop(size); 0 means `size` (images already at
+    /// `size` pass unchanged). ImageNet: 256 with size 224. Default 0.
+    pub eval_resize: usize,
+    /// Per-channel mean on the 0..1 scale. Default CIFAR's `[125.3, 123.0, 113.9] / 255`.
+    pub mean: Vec<f64>,
+    /// Per-channel std on the 0..1 scale. Default CIFAR's `[63.0, 62.1, 66.7] / 255`.
+    pub std: Vec<f64>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        let n = Normalize::cifar();
+        DataConfig {
+            train: None,
+            test: None,
+            val: None,
+            ood: BTreeMap::new(),
+            classes: None,
+            channels: 3,
+            size: 32,
+            padding: 4,
+            augment: Augment::FlipCrop,
+            eval_resize: 0,
+            mean: n.mean,
+            std: n.std,
+        }
+    }
+}
+
+impl DataConfig {
+    fn normalize(&self) -> Normalize {
+        Normalize {
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
+    }
+
+    /// The training pipeline of ID images.
+    pub fn train_pipeline(&self) -> Pipeline {
+        let (s, padding) = (self.size, self.padding);
+        let crop = Transform::RandomCrop {
+            height: s,
+            width: s,
+            padding,
+        };
+        let flip = Transform::RandomHorizontalFlip { p: 0.5 };
+        let transforms = match self.augment {
+            Augment::FlipCrop => vec![flip, crop],
+            Augment::ResizedCropFlip => vec![
+                Transform::RandomResizedCrop {
+                    height: s,
+                    width: s,
+                    scale: (0.08, 1.0),
+                    ratio: (3.0 / 4.0, 4.0 / 3.0),
+                },
+                flip,
+            ],
+            Augment::Crop => vec![crop],
+            Augment::None => vec![],
+        };
+        Pipeline {
+            channels: self.channels,
+            transforms,
+            normalize: Some(self.normalize()),
+        }
+    }
+
+    /// The training pipeline of generated outliers: Resize(shorter side = size) first (SPEC §7 item 11),
+    /// then the ID augmentation.
+    pub fn outlier_pipeline(&self) -> Pipeline {
+        let mut p = self.train_pipeline();
+        p.transforms
+            .insert(0, Transform::Resize(Size::Shorter(self.size)));
+        p
+    }
+
+    /// The evaluation pipeline (ID test, OOD sets, validation, `score`, `serve`): Resize → CenterCrop.
+    pub fn eval_pipeline(&self) -> Pipeline {
+        let resize = if self.eval_resize == 0 {
+            self.size
+        } else {
+            self.eval_resize
+        };
+        Pipeline {
+            channels: self.channels,
+            transforms: vec![
+                Transform::Resize(Size::Shorter(resize)),
+                Transform::CenterCrop {
+                    height: self.size,
+                    width: self.size,
+                },
+            ],
+            normalize: Some(self.normalize()),
+        }
+    }
+
+    /// Checks ranges; an error names the field.
+    pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        if !matches!(self.channels, 1 | 3) {
+            return Err((
+                "channels".into(),
+                format!("must be 1 or 3, got {}", self.channels),
+            ));
+        }
+        if self.size == 0 {
+            return Err(("size".into(), "must be at least 1".into()));
+        }
+        for (key, v) in [("mean", &self.mean), ("std", &self.std)] {
+            if v.len() != self.channels {
+                return Err((
+                    key.into(),
+                    format!(
+                        "has {} values; expected one per channel ({})",
+                        v.len(),
+                        self.channels
+                    ),
+                ));
+            }
+        }
+        if self.std.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
+            return Err(("std".into(), "every value must be positive".into()));
+        }
+        let sources = [
+            ("train", &self.train),
+            ("test", &self.test),
+            ("val", &self.val),
+        ];
+        for (key, src) in sources {
+            if let Some(Some(h)) = src.as_ref().map(|s| s.holdout)
+                && !(h.fraction > 0.0 && h.fraction < 1.0)
+            {
+                return Err((
+                    format!("{key}.holdout.fraction"),
+                    format!("{} is not in (0, 1)", h.fraction),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every source path and the classes file against `base`.
+    fn resolve(&mut self, base: &Path) {
+        for s in [&mut self.train, &mut self.test, &mut self.val]
+            .into_iter()
+            .flatten()
+        {
+            *s = s.resolved(base);
+        }
+        for s in self.ood.values_mut() {
+            *s = s.resolved(base);
+        }
+        if let Some(p) = &mut self.classes
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
+    }
+}
+
 impl SampleConfig {
     /// Checks ranges and cross-field rules; an error names the field (`sigma`) and says why.
     pub fn check(&self) -> std::result::Result<(), (&'static str, String)> {
@@ -299,6 +506,7 @@ impl Config {
         if config.run.out_dir.is_relative() {
             config.run.out_dir = base.join(&config.run.out_dir);
         }
+        config.data.resolve(base);
         let sample = &mut config.sample;
         for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
             .into_iter()
@@ -329,6 +537,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.sample.check() {
             return Err(bad(&format!("sample.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.data.check() {
+            return Err(bad(&format!("data.{field}"), msg));
         }
         Ok(())
     }
