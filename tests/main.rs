@@ -38,3 +38,7 @@ mod sampling;
 /// `src/data/`: transforms against torchvision with its draws replayed, every source format through the
 /// loader, corrupt files skipped or failing.
 mod data;
+
+/// Training code against PyTorch: SGD + cosine trajectory, the stage-1 loss and the Dream-OOD loss with
+/// their gradients.
+mod training;

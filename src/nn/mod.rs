@@ -3,7 +3,9 @@
 
 pub mod arch;
 pub mod checkpoint;
+pub mod optim;
 pub mod resnet;
+pub mod training;
 pub mod weights;
 
 pub use checkpoint::{CheckpointInfo, NetworkSpec};
