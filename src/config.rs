@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::DataSource;
 use crate::data::transforms::{Normalize, Pipeline, Size, Transform};
 use crate::error::{Error, Result};
+use crate::latent::LatentConfig;
 
 /// A whole config file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -35,6 +36,8 @@ pub struct Config {
     pub generate: GenerateConfig,
     /// The ID and OOD datasets and their transforms, shared by stages 1, 4, evaluation and export.
     pub data: DataConfig,
+    /// Stage 1: the text-aligned encoder and the feature bank.
+    pub latent: LatentConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -507,6 +510,15 @@ impl Config {
             config.run.out_dir = base.join(&config.run.out_dir);
         }
         config.data.resolve(base);
+        let latent = &mut config.latent;
+        for p in [&mut latent.tokens, &mut latent.sd_model, &mut latent.out]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
         let sample = &mut config.sample;
         for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
             .into_iter()
@@ -540,6 +552,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.data.check() {
             return Err(bad(&format!("data.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.latent.check() {
+            return Err(bad(&format!("latent.{field}"), msg));
         }
         Ok(())
     }

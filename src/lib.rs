@@ -19,7 +19,7 @@
 //!
 //! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
 //! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
-//! ResNets), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
+//! ResNets, checkpoints, the optimiser and training files), [`latent`] (stage 1), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
 //! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
 //! [`eval`] (exact OOD metrics), [`progress`] (progress events) and [`error`]. The README's status table says
 //! what each stage still lacks.
@@ -30,6 +30,7 @@ pub mod diffusion;
 pub mod error;
 pub mod eval;
 pub mod files;
+pub mod latent;
 pub mod nn;
 pub mod onnx;
 pub mod progress;

@@ -60,6 +60,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stage 1: train the encoder aligned to the class token embeddings and write the feature bank.
+    ///
+    /// Writes <out>/tokens.npy, model.safetensors, log.jsonl/csv, bank.npy + bank.json, summary.json
+    /// (default out: <run.out_dir>/latent). Rerunning resumes after the last finished epoch.
+    Latent(Box<cli::latent::LatentArgs>),
     /// Stage 2: sample outlier (or inlier) embeddings at the boundary of each class's stage-1 features.
     ///
     /// Writes OUT.npy [C, per_class, D] float32 (what the official get_embed_*.py writes) and OUT.json.
@@ -344,6 +349,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             print_stdout(&text)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Latent(args) => cli::latent::run_latent(*args),
         Command::Sample(args) => {
             let job = sample_job(*args)?;
             dream_ood::sampling::run(&job, &cli::progress::TermProgress::new())?;
@@ -358,9 +364,20 @@ fn sample_job(args: SampleArgs) -> anyhow::Result<dream_ood::sampling::SampleJob
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    // With a config, stage 1's outputs are the default inputs (when they exist).
+    let latent_out = config
+        .latent
+        .out
+        .clone()
+        .unwrap_or_else(|| dream_ood::latent::default_out(&config.run.out_dir));
+    let from_latent = |name: &str| {
+        let p = latent_out.join(name);
+        (args.config.is_some() && p.exists()).then_some(p)
+    };
+    let (bank_default, tokens_default) = (from_latent("bank.npy"), from_latent("tokens.npy"));
     let (mut s, run) = (config.sample, config.run);
-    s.bank = args.bank.or(s.bank);
-    s.tokens = args.tokens.or(s.tokens);
+    s.bank = args.bank.or(s.bank).or(bank_default);
+    s.tokens = args.tokens.or(s.tokens).or(tokens_default);
     s.out = args.out.or(s.out);
     if let Some(mode) = args.mode {
         s.mode = if mode == "official" {
@@ -388,8 +405,12 @@ fn sample_job(args: SampleArgs) -> anyhow::Result<dream_ood::sampling::SampleJob
         anyhow::bail!("--{}: {msg}", field.replace('_', "-"));
     }
     let need = |p: &Option<PathBuf>, flag: &str| {
-        p.clone()
-            .with_context(|| format!("--{flag} is required (or sample.{flag} in a config)"))
+        p.clone().with_context(|| {
+            format!(
+                "--{flag} is required (or sample.{flag} in a config, or a finished stage 1 in the \
+                     config's run folder)"
+            )
+        })
     };
     let (bank, tokens) = (need(&s.bank, "bank")?, need(&s.tokens, "tokens")?);
     let out = s.out.clone().unwrap_or_else(|| {

@@ -42,3 +42,6 @@ mod data;
 /// Training code against PyTorch: SGD + cosine trajectory, the stage-1 loss and the Dream-OOD loss with
 /// their gradients.
 mod training;
+
+/// Stage 1 `dream-ood latent`: files, checkpoint, exact resume, stage 2 chaining, tokens from an SD export.
+mod latent;

@@ -46,3 +46,18 @@ fn sgd_with_cosine_follows_pytorch_step_by_step() {
         }
     }
 }
+
+/// Stage 1: CE(cos(f, T)/τ), τ = 0.1, the official repeat + F.cosine_similarity form in PyTorch.
+#[test]
+fn stage1_loss_and_gradient_equal_pytorch() {
+    use dream_ood::latent::loss::{alignment_loss, unit_rows};
+    let fx = fixture();
+    let f = fx["latent.features"].copy().set_requires_grad(true);
+    let t = unit_rows(&fx["latent.tokens"]);
+    let loss = alignment_loss(&f, &t, &fx["latent.labels"], 0.1);
+    let d = max_abs_diff(&loss, &fx["latent.loss"]);
+    assert!(d < 1e-5, "loss differs by {d}");
+    loss.backward();
+    let d = max_abs_diff(&f.grad(), &fx["latent.grad"]);
+    assert!(d < 1e-6, "gradient differs by {d}");
+}
