@@ -163,3 +163,49 @@ fn fresh_init_follows_the_official_recipe() {
     assert!(max <= bound, "fc.bias: max |b| {max}, bound {bound}");
     assert_eq!(vars["fc.weight"].kind(), Kind::Float);
 }
+
+/// A dream-ood checkpoint holds exactly the keys, shapes and dtypes of PyTorch's `state_dict` (with
+/// `num_batches_tracked`), so `load_state_dict(strict=True)` accepts it; keys from
+/// `tools/make_resnet_fixtures.py` (`resnet_state_dict.json`).
+#[test]
+fn checkpoints_have_the_pytorch_state_dict_keys() {
+    use dream_ood::data::Pipeline;
+    use dream_ood::nn::checkpoint::{self, CheckpointInfo, NetworkSpec};
+    let full: HashMap<String, Vec<(String, Vec<i64>, String)>> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("resnet_state_dict.json")).unwrap())
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (depth, arch) in [(Depth::Resnet18, "resnet18"), (Depth::Resnet50, "resnet50")] {
+        for (stem, stem_name) in [(Stem::Cifar, "cifar"), (Stem::Imagenet, "imagenet")] {
+            let key = format!("{arch}_{stem_name}");
+            let (vs, _net) = build(depth, stem);
+            let spec = NetworkSpec {
+                depth,
+                stem,
+                in_channels: 3,
+                head: "fc".into(),
+                out_dim: 10,
+            };
+            let path = dir.path().join(format!("{key}.safetensors"));
+            let info = CheckpointInfo::new("detector", spec, vec![], Pipeline::cifar_test());
+            checkpoint::save(&path, &vs, &info).unwrap();
+            let file = checkpoint::read_tensors(&path).unwrap();
+            let mut ours: Vec<(String, Vec<i64>, String)> = file
+                .tensors
+                .iter()
+                .map(|(n, t)| {
+                    let dtype = match t.kind() {
+                        Kind::Float => "torch.float32",
+                        Kind::Int64 => "torch.int64",
+                        other => panic!("{n}: unexpected {other:?}"),
+                    };
+                    (n.clone(), t.size(), dtype.to_owned())
+                })
+                .collect();
+            let mut theirs = full[&key].clone();
+            ours.sort();
+            theirs.sort();
+            assert_eq!(ours, theirs, "{key}");
+        }
+    }
+}

@@ -14,7 +14,8 @@ stride 1, no max-pool; ImageNet stem: 7x7 conv stride 2 + 3x3 max-pool stride 2)
 
 Writes tests/fixtures/nn/resnet_outputs.safetensors: for each `<arch>_<stem>`: `.eval.features`,
 `.eval.logits`, `.train.logits` (BatchNorm with batch statistics); and tests/fixtures/nn/resnet_names.json:
-per network, its parameter and buffer names with shapes, in PyTorch's state_dict order.
+per network, its parameter and buffer names with shapes, in PyTorch's state_dict order; and
+tests/fixtures/nn/resnet_state_dict.json: the full state_dict keys with shapes and dtypes.
 
 Run: make fixtures-venv && .deps/venv/bin/python tools/make_resnet_fixtures.py
 Tolerance used by the tests: 1e-4 absolute on logits and features (f32, different conv algorithms).
@@ -131,13 +132,14 @@ def fill(name: str, shape) -> torch.Tensor:
 
 
 def main() -> None:
-    tensors, names = {}, {}
+    tensors, names, full_keys = {}, {}, {}
     x = torch.sin(0.01 * torch.arange(2 * 3 * 32 * 32, dtype=torch.float64)).to(torch.float32).reshape(2, 3, 32, 32)
     for arch in ["resnet18", "resnet34", "resnet50"]:
         for stem in ["cifar", "imagenet"]:
             key = f"{arch}_{stem}"
             model = Classifier(arch, stem)
             state = {}
+            full_keys[key] = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
             for k, v in model.state_dict().items():
                 if k.endswith("num_batches_tracked"):
                     continue
@@ -156,6 +158,9 @@ def main() -> None:
     path = OUT / "resnet_outputs.safetensors"
     save_file(tensors, str(path), metadata={"made_by": f"tools/make_resnet_fixtures.py with torch {torch.__version__}"})
     (OUT / "resnet_names.json").write_text(json.dumps(names, indent=0) + "\n")
+    # The complete state_dict keys (with num_batches_tracked), shapes and dtypes: what a dream-ood checkpoint
+    # must hold for PyTorch's strict load_state_dict.
+    (OUT / "resnet_state_dict.json").write_text(json.dumps(full_keys, indent=0) + "\n")
     print(f"wrote {path} ({path.stat().st_size} bytes) and resnet_names.json")
 
 
