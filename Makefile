@@ -43,7 +43,8 @@ fixtures-venv:
 clean-deps:
 	rm -rf .deps
 
-## `make bench`: stage-3 throughput against the Python pipelines (needs `make fixtures-venv`); results go in
+## `make bench`: stage 1, 2 and 3 throughput against the Python references (needs `make fixtures-venv`); results go in
 ## BENCHMARKS.md by hand, with the command and the machine.
 bench: build
 	.deps/venv/bin/python tools/bench_generate.py
+	.deps/venv/bin/python tools/bench_stages12.py
