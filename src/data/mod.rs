@@ -30,6 +30,7 @@ pub mod manifest;
 pub mod mnist_json;
 pub mod resize;
 pub mod source;
+pub mod synthetic;
 pub mod transforms;
 
 use std::fs::File;

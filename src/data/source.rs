@@ -4,6 +4,7 @@
 //! ```toml
 //! [data.train]                       # any table of this shape
 //! format = "idx"                     # idx | cifar10 | cifar100 | folder | mnist_json | manifest
+//!                                    # | letters | crops | noise (generated sets: count, side, variants, seed)
 //! path = "data/fashion"              # relative paths are relative to the config file
 //! split = "train"                    # idx and cifar: train | test
 //! classes = [0, 1, 2, 3, 4, 5]       # optional: keep these labels, renumbered 0.. in this order
@@ -27,6 +28,7 @@ use super::folder::ImageFolder;
 use super::idx::{IdxDataset, Split as IdxSplit};
 use super::manifest::GeneratedFolder;
 use super::mnist_json::MnistJson;
+use super::synthetic::{Crops, Letters, Noise};
 use super::{Dataset, OnError, RawImage, Skipped};
 use crate::{Error, Result};
 
@@ -46,6 +48,12 @@ pub enum Format {
     MnistJson,
     /// A stage-3 output folder with its `manifest.jsonl`.
     Manifest,
+    /// Letters A–Z rendered from the `.ttf` fonts in `path` ([`super::synthetic::Letters`]).
+    Letters,
+    /// `count` seeded crops of the images in `path` ([`super::synthetic::Crops`]).
+    Crops,
+    /// `count` uniform-noise images; `path` is ignored ([`super::synthetic::Noise`]).
+    Noise,
 }
 
 /// Train or test half of the formats that ship both.
@@ -108,6 +116,18 @@ pub struct DataSource {
     /// A file that cannot be decoded: skip it (logged and counted) or fail.
     #[serde(default)]
     pub on_error: OnError,
+    /// Generated sets (`crops`, `noise`): how many images. Default 1000.
+    #[serde(default)]
+    pub count: Option<usize>,
+    /// Generated sets: image side in pixels. Default 28.
+    #[serde(default)]
+    pub side: Option<usize>,
+    /// `letters`: renderings per letter and font (size and offset jitter). Default 3.
+    #[serde(default)]
+    pub variants: Option<usize>,
+    /// Generated sets: the seed of every draw. Default 0.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl DataSource {
@@ -121,6 +141,10 @@ impl DataSource {
             holdout: None,
             limit: None,
             on_error: OnError::Skip,
+            count: None,
+            side: None,
+            variants: None,
+            seed: 0,
         }
     }
 
@@ -160,6 +184,23 @@ impl DataSource {
             Format::Folder => Arc::new(ImageFolder::open(&self.path)?),
             Format::MnistJson => Arc::new(MnistJson::open_dir(&self.path, self.on_error)?),
             Format::Manifest => Arc::new(GeneratedFolder::open(&self.path)?),
+            Format::Letters => Arc::new(Letters::open(
+                &self.path,
+                self.side.unwrap_or(28),
+                self.variants.unwrap_or(3),
+                self.seed,
+            )?),
+            Format::Crops => Arc::new(Crops::open(
+                &self.path,
+                self.count.unwrap_or(1000),
+                self.side.unwrap_or(28),
+                self.seed,
+            )?),
+            Format::Noise => Arc::new(Noise::new(
+                self.count.unwrap_or(1000),
+                self.side.unwrap_or(28),
+                self.seed,
+            )),
         };
         let mut view = View::all(base);
         if let Some(classes) = &self.classes {
