@@ -4,12 +4,16 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps bench
+.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench
 
 all: build
 
 bootstrap:
 	@$(PYTHON) tools/bootstrap
+
+## `make data`: the demo's images (Fashion-MNIST, MNIST, fonts, textures, photos) into .deps/data/, pinned.
+data:
+	@$(PYTHON) tools/bootstrap --data
 
 build: bootstrap
 	$(CARGO) build --release
