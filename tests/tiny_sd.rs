@@ -243,3 +243,62 @@ fn an_incomplete_export_names_what_is_missing() {
         "{err}"
     );
 }
+
+/// The edited text encoder is cached under the sha256 of the export's files: a second load reuses the entry
+/// (its file is not rewritten) and encodes exactly as the in-memory edit; another export gets another entry;
+/// a broken entry is rebuilt.
+#[test]
+fn the_edited_text_encoder_is_cached_by_content() {
+    use dream_ood::diffusion::te_cache::{Edited, edited_text_encoder};
+    use dream_ood::diffusion::text_encoder::TextEncoder;
+
+    let cache = tempfile::tempdir().unwrap();
+    let model = fixture().join("model/text_encoder/model.onnx");
+    let entry_of = |e: Edited| match e {
+        Edited::File { path, .. } => path,
+        Edited::Bytes { .. } => panic!("expected a cached file"),
+    };
+    let first = entry_of(edited_text_encoder(&model, Some(cache.path())).unwrap());
+    let written = std::fs::metadata(&first).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let second = entry_of(edited_text_encoder(&model, Some(cache.path())).unwrap());
+    assert_eq!(first, second);
+    assert_eq!(
+        std::fs::metadata(&second).unwrap().modified().unwrap(),
+        written
+    );
+
+    // Cached and in-memory edits encode the same.
+    let tokenizer = ClipTokenizer::from_dir(&fixture().join("model/tokenizer")).unwrap();
+    let ids = vec![
+        tokenizer.encode("A high-quality image of the cat").unwrap(),
+        tokenizer.encode("").unwrap(),
+    ];
+    let plain = SessionOptions {
+        intra_threads: 1,
+        ..Default::default()
+    };
+    let cached = SessionOptions {
+        text_encoder_cache: Some(cache.path().to_owned()),
+        ..plain.clone()
+    };
+    let a = TextEncoder::load(&model, &plain)
+        .unwrap()
+        .encode(&ids, &[None, None])
+        .unwrap();
+    let b = TextEncoder::load(&model, &cached)
+        .unwrap()
+        .encode(&ids, &[None, None])
+        .unwrap();
+    assert_eq!(a, b);
+
+    // Another export (the int32-ids layout) gets its own entry.
+    let other = fixture().join("variants/optimum_old/text_encoder/model.onnx");
+    let third = entry_of(edited_text_encoder(&other, Some(cache.path())).unwrap());
+    assert_ne!(third.parent(), first.parent());
+
+    // A broken entry is rebuilt.
+    std::fs::remove_file(first.parent().unwrap().join("token_table.npy")).unwrap();
+    let rebuilt = entry_of(edited_text_encoder(&model, Some(cache.path())).unwrap());
+    assert!(rebuilt.parent().unwrap().join("token_table.npy").exists());
+}

@@ -817,6 +817,7 @@ impl GenerateJob {
             session: SessionOptions {
                 provider,
                 intra_threads: cfg.threads,
+                text_encoder_cache: super::te_cache::default_root(),
             },
         })
     }

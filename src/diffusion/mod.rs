@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod schedulers;
 pub mod session;
+pub mod te_cache;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

@@ -31,6 +31,8 @@ pub struct SessionOptions {
     pub provider: Provider,
     /// Intra-op threads per session (CPU); 0 lets ONNX Runtime choose.
     pub intra_threads: usize,
+    /// Root of the edited-text-encoder cache ([`super::te_cache`]); `None` edits in memory at every load.
+    pub text_encoder_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for SessionOptions {
@@ -38,6 +40,7 @@ impl Default for SessionOptions {
         SessionOptions {
             provider: Provider::Cpu,
             intra_threads: 0,
+            text_encoder_cache: None,
         }
     }
 }

@@ -10,12 +10,12 @@ use ndarray::{Array3, ArrayD};
 use ort::session::Session;
 
 use super::session::{
-    InputSpec, SessionOptions, float_input, float_output, ids_input, input_spec,
+    InputSpec, SessionOptions, float_input, float_output, ids_input, input_spec, open_session,
     open_session_from_memory, require_output,
 };
+use super::te_cache::{Edited, edited_text_encoder};
 use crate::error::{Error, Result};
-use crate::onnx::model::{encode_model, load_model};
-use crate::onnx::text_encoder::{INPUT_IDS, INPUTS_EMBEDS, TokenTable, expose_token_embeddings};
+use crate::onnx::text_encoder::{INPUT_IDS, INPUTS_EMBEDS, TokenTable};
 
 /// What to put in place of one prompt's anchor token.
 #[derive(Debug, Clone, Copy)]
@@ -36,20 +36,36 @@ pub struct TextEncoder {
 }
 
 impl TextEncoder {
-    /// Loads `path` (an SD export's `text_encoder/model.onnx`) and edits it in memory.
+    /// Loads `path` (an SD export's `text_encoder/model.onnx`) with its token lookup turned into the
+    /// `inputs_embeds` input, from the edit cache of `opts` when it holds this export ([`super::te_cache`]).
     pub fn load(path: &Path, opts: &SessionOptions) -> Result<TextEncoder> {
         let what = path.display().to_string();
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let edited = expose_token_embeddings(load_model(path)?, dir).map_err(|e| match e {
-            Error::Onnx { msg, .. } => Error::Onnx {
-                what: what.clone(),
-                msg,
-            },
-            other => other,
-        })?;
-        let session = open_session_from_memory(&encode_model(&edited.model), &what, opts)?;
+        let edited =
+            edited_text_encoder(path, opts.text_encoder_cache.as_deref()).map_err(|e| match e {
+                Error::Onnx { msg, .. } => Error::Onnx {
+                    what: what.clone(),
+                    msg,
+                },
+                other => other,
+            })?;
+        let (session, table, keeps_input_ids) = match edited {
+            Edited::File {
+                path: cached,
+                table,
+                keeps_input_ids,
+            } => (open_session(&cached, opts)?, table, keeps_input_ids),
+            Edited::Bytes {
+                bytes,
+                table,
+                keeps_input_ids,
+            } => (
+                open_session_from_memory(&bytes, &what, opts)?,
+                table,
+                keeps_input_ids,
+            ),
+        };
         let embeds = input_spec(&session, &what, INPUTS_EMBEDS)?;
-        let ids = if edited.keeps_input_ids {
+        let ids = if keeps_input_ids {
             Some(input_spec(&session, &what, INPUT_IDS)?)
         } else {
             None
@@ -57,7 +73,7 @@ impl TextEncoder {
         require_output(&session, &what, "last_hidden_state")?;
         Ok(TextEncoder {
             session,
-            table: edited.table,
+            table,
             embeds,
             ids,
             what,
