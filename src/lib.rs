@@ -33,6 +33,7 @@ pub mod files;
 pub mod latent;
 pub mod nn;
 pub mod onnx;
+pub mod pipeline;
 pub mod progress;
 pub mod runtime;
 pub mod sampling;

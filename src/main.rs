@@ -60,6 +60,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the stages in order in the config's run folder, skipping those that are up to date.
+    ///
+    /// Stages today: latent, sample, generate. Each stage's folder holds a stamp.json with the hash of its
+    /// settings and inputs; a changed setting reruns that stage and the later ones. A killed run resumes.
+    Run(Box<cli::run::RunArgs>),
     /// Stage 1: train the encoder aligned to the class token embeddings and write the feature bank.
     ///
     /// Writes <out>/tokens.npy, model.safetensors, log.jsonl/csv, bank.npy + bank.json, summary.json
@@ -350,6 +355,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Latent(args) => cli::latent::run_latent(*args),
+        Command::Run(args) => cli::run::run_run(*args),
         Command::Sample(args) => {
             let job = sample_job(*args)?;
             dream_ood::sampling::run(&job, &cli::progress::TermProgress::new())?;

@@ -45,3 +45,6 @@ mod training;
 
 /// Stage 1 `dream-ood latent`: files, checkpoint, exact resume, stage 2 chaining, tokens from an SD export.
 mod latent;
+
+/// `dream-ood run`: stages chained in one folder, skipped when up to date, rerun when their settings change.
+mod run;

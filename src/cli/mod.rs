@@ -3,3 +3,4 @@
 pub mod latent;
 pub mod logging;
 pub mod progress;
+pub mod run;

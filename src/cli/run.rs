@@ -1,0 +1,64 @@
+//! `dream-ood run CONFIG`: the stages in order in one run folder (`dream_ood::pipeline`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use dream_ood::pipeline::{Run, RunOptions, Stage, run};
+
+/// Flags of `run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The run config.
+    pub config: PathBuf,
+    /// Start at this stage; earlier stages are used as they are on disk.
+    #[arg(long, value_name = "STAGE", conflicts_with = "only")]
+    pub from: Option<Stage>,
+    /// Run only this stage.
+    #[arg(long, value_name = "STAGE")]
+    pub only: Option<Stage>,
+    /// Rerun the selected stages from scratch even when they are up to date.
+    #[arg(long)]
+    pub force: bool,
+}
+
+pub fn run_run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    let pipeline = Run::load(&args.config)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: stopping now; rerun the same command to resume");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: finishing the batch in flight (Ctrl-C again to stop at once)");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = RunOptions {
+        from: args.from,
+        only: args.only,
+        force: args.force,
+    };
+    let outcomes = run(
+        &pipeline,
+        &opts,
+        &super::progress::TermProgress::new(),
+        &stop,
+    )?;
+    let mut text = String::from("stage      action        seconds\n");
+    for o in &outcomes {
+        text.push_str(&format!(
+            "{:<10} {:<13} {:>7.1}\n",
+            o.stage.name(),
+            o.action,
+            o.seconds
+        ));
+    }
+    text.push_str(&format!(
+        "run folder: {}\n",
+        pipeline.config.run.out_dir.display()
+    ));
+    crate::print_stdout(&text)?;
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,351 @@
+//! `dream-ood run CONFIG`: the stages in order inside one run folder, each skipped when its outputs are
+//! complete and were made from the same inputs and settings.
+//!
+//! Every stage has a folder `<run.out_dir>/<stage>/` and a `stamp.json` in it:
+//!
+//! ```json
+//! {"stage": "latent", "fingerprint": "…sha256…", "state": "done", "seconds": 812.4}
+//! ```
+//!
+//! The fingerprint is the sha256 of the stage's settings (its config tables, the seed, the paths it reads)
+//! and of its upstream stages' fingerprints, so changing `[sample] sigma` reruns sample, generate and
+//! everything after, and nothing before. A stage is skipped when its stamp says `done` with the same
+//! fingerprint. A stage whose stamp says `running` with the same fingerprint was interrupted: it runs again
+//! and resumes from its own files (epochs, images). A stage whose stamp has another fingerprint, or any stage
+//! under `--force`, has its folder cleared first, so old outputs never mix with new ones.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, DeviceSpec};
+use crate::error::{Error, Result};
+use crate::files::write_atomic;
+use crate::progress::Progress;
+
+/// The stages `run` knows, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Latent,
+    Sample,
+    Generate,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Latent, Stage::Sample, Stage::Generate];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Latent => "latent",
+            Stage::Sample => "sample",
+            Stage::Generate => "generate",
+        }
+    }
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+                format!(
+                    "unknown stage \"{s}\"; expected one of {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// Which stages to run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Start at this stage (earlier ones are taken as they are on disk).
+    pub from: Option<Stage>,
+    /// Run only this stage.
+    pub only: Option<Stage>,
+    /// Rerun the selected stages from scratch even when up to date.
+    pub force: bool,
+}
+
+/// What happened to one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageOutcome {
+    pub stage: Stage,
+    /// `ran`, `up to date` (skipped) or `not selected`.
+    pub action: &'static str,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Stamp {
+    stage: Stage,
+    fingerprint: String,
+    state: String,
+    #[serde(default)]
+    seconds: f64,
+}
+
+/// Everything a run needs, resolved from the config file.
+pub struct Run {
+    pub config: Config,
+    /// The config file's folder (relative paths in `[generate]` are taken from it).
+    pub base: PathBuf,
+    pub device: tch::Device,
+    pub threads: usize,
+}
+
+impl Run {
+    pub fn load(config_path: &Path) -> Result<Run> {
+        let config = Config::load(config_path)?;
+        let base = config_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let spec: DeviceSpec =
+            config
+                .run
+                .device
+                .parse()
+                .map_err(|msg: String| Error::InvalidValue {
+                    key: "run.device".into(),
+                    msg,
+                })?;
+        let threads = match config.run.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        Ok(Run {
+            device: crate::runtime::resolve_device(spec)?,
+            config,
+            base,
+            threads,
+        })
+    }
+
+    fn dir(&self, stage: Stage) -> PathBuf {
+        self.config.run.out_dir.join(stage.name())
+    }
+
+    /// The settings a stage's outputs depend on, as JSON (hashed into the fingerprint).
+    fn settings(&self, stage: Stage) -> serde_json::Value {
+        let c = &self.config;
+        match stage {
+            Stage::Latent => serde_json::json!({
+                "data": c.data, "latent": c.latent, "seed": c.run.seed,
+            }),
+            Stage::Sample => serde_json::json!({ "sample": c.sample, "seed": c.run.seed }),
+            Stage::Generate => serde_json::json!({ "generate": c.generate, "base": self.base }),
+        }
+    }
+
+    /// The fingerprint of `stage`: its settings and its upstream fingerprints.
+    fn fingerprint(&self, stage: Stage) -> String {
+        let mut h = Sha256::new();
+        for s in Stage::ALL.into_iter().filter(|&s| s <= stage) {
+            h.update(s.name().as_bytes());
+            h.update(self.settings(s).to_string().as_bytes());
+        }
+        format!("{:x}", h.finalize())
+    }
+}
+
+fn read_stamp(dir: &Path) -> Option<Stamp> {
+    let bytes = std::fs::read(dir.join("stamp.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_stamp(dir: &Path, stamp: &Stamp) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let json = serde_json::to_vec_pretty(stamp).expect("plain data");
+    write_atomic(&dir.join("stamp.json"), &json)
+}
+
+/// Runs the selected stages of the config at `config_path`.
+pub fn run(
+    run: &Run,
+    opts: &RunOptions,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+) -> Result<Vec<StageOutcome>> {
+    let mut outcomes = Vec::new();
+    for stage in Stage::ALL {
+        let selected = match (opts.only, opts.from) {
+            (Some(only), _) => stage == only,
+            (None, Some(from)) => stage >= from,
+            (None, None) => true,
+        };
+        if !selected {
+            outcomes.push(StageOutcome {
+                stage,
+                action: "not selected",
+                seconds: 0.0,
+            });
+            continue;
+        }
+        let dir = run.dir(stage);
+        let fingerprint = run.fingerprint(stage);
+        let stamp = read_stamp(&dir);
+        let same = stamp.as_ref().is_some_and(|s| s.fingerprint == fingerprint);
+        if !opts.force && same && stamp.as_ref().is_some_and(|s| s.state == "done") {
+            tracing::info!("{}: up to date ({})", stage.name(), dir.display());
+            outcomes.push(StageOutcome {
+                stage,
+                action: "up to date",
+                seconds: 0.0,
+            });
+            continue;
+        }
+        if dir.exists() && (opts.force || (stamp.is_some() && !same)) {
+            let why = if opts.force {
+                "--force"
+            } else {
+                "its settings or inputs changed"
+            };
+            tracing::info!("{}: clearing {} ({why})", stage.name(), dir.display());
+            std::fs::remove_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        }
+        let mut stamp = Stamp {
+            stage,
+            fingerprint,
+            state: "running".into(),
+            seconds: 0.0,
+        };
+        write_stamp(&dir, &stamp)?;
+        let t0 = Instant::now();
+        tracing::info!("{}: running", stage.name());
+        run_stage(run, stage, progress, stop)?;
+        stamp.state = "done".into();
+        stamp.seconds = t0.elapsed().as_secs_f64();
+        write_stamp(&dir, &stamp)?;
+        outcomes.push(StageOutcome {
+            stage,
+            action: "ran",
+            seconds: stamp.seconds,
+        });
+    }
+    Ok(outcomes)
+}
+
+fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool) -> Result<()> {
+    let c = &run.config;
+    let out_dir = &c.run.out_dir;
+    match stage {
+        Stage::Latent => {
+            let job = crate::latent::LatentJob {
+                settings: c.latent.clone(),
+                data: c.data.clone(),
+                seed: c.run.seed,
+                device: run.device,
+                threads: run.threads,
+                out: run.dir(Stage::Latent),
+            };
+            crate::latent::run(&job, progress)?;
+        }
+        Stage::Sample => {
+            let latent = run.dir(Stage::Latent);
+            let name = if c.sample.inliers {
+                "inliers.npy"
+            } else {
+                "outliers.npy"
+            };
+            let job = crate::sampling::SampleJob {
+                bank: c
+                    .sample
+                    .bank
+                    .clone()
+                    .unwrap_or_else(|| latent.join("bank.npy")),
+                tokens: c
+                    .sample
+                    .tokens
+                    .clone()
+                    .unwrap_or_else(|| latent.join("tokens.npy")),
+                out: run.dir(Stage::Sample).join(name),
+                settings: c.sample.clone(),
+                seed: c.run.seed,
+                device: run.device,
+                threads: run.threads,
+                chunk_bytes: crate::sampling::knn::DEFAULT_CHUNK_BYTES,
+            };
+            crate::sampling::run(&job, progress)?;
+        }
+        Stage::Generate => {
+            let mut g = c.generate.clone();
+            if g.embeddings.is_none() {
+                let name = if c.sample.inliers {
+                    "inliers.npy"
+                } else {
+                    "outliers.npy"
+                };
+                g.embeddings = Some(
+                    std::path::absolute(run.dir(Stage::Sample).join(name))
+                        .map_err(|e| Error::io(out_dir, e))?,
+                );
+            }
+            g.out = Some(
+                std::path::absolute(run.dir(Stage::Generate)).map_err(|e| Error::io(out_dir, e))?,
+            );
+            if g.classes.is_none() {
+                g.classes = c.data.classes.clone();
+            }
+            let job = crate::diffusion::generate::GenerateJob::from_config(&g, &run.base)?;
+            let report = crate::diffusion::generate::run_generate(&job, progress, stop)?;
+            if report.interrupted {
+                return Err(Error::Check {
+                    what: "generate".into(),
+                    msg: format!(
+                        "interrupted after {} of {} images; rerun the same command to resume",
+                        report.already_done + report.generated,
+                        report.planned
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_of(text: &str) -> Run {
+        let config = Config::parse(text, Path::new("t.toml")).unwrap();
+        Run {
+            config,
+            base: PathBuf::from("."),
+            device: tch::Device::Cpu,
+            threads: 1,
+        }
+    }
+
+    #[test]
+    fn a_changed_setting_changes_its_stage_and_the_later_ones_only() {
+        let a = run_of("[sample]\nsigma = 0.07\n");
+        let b = run_of("[sample]\nsigma = 0.05\n");
+        assert_eq!(a.fingerprint(Stage::Latent), b.fingerprint(Stage::Latent));
+        assert_ne!(a.fingerprint(Stage::Sample), b.fingerprint(Stage::Sample));
+        assert_ne!(
+            a.fingerprint(Stage::Generate),
+            b.fingerprint(Stage::Generate)
+        );
+        let c = run_of("[latent]\nepochs = 3\n");
+        assert_ne!(a.fingerprint(Stage::Latent), c.fingerprint(Stage::Latent));
+        assert_ne!(a.fingerprint(Stage::Sample), c.fingerprint(Stage::Sample));
+    }
+
+    #[test]
+    fn stage_names_parse() {
+        assert_eq!("generate".parse::<Stage>().unwrap(), Stage::Generate);
+        assert!(
+            "train2"
+                .parse::<Stage>()
+                .unwrap_err()
+                .contains("expected one of latent")
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! `dream-ood run` on a micro config (tiny images, one epoch, the tiny SD fixture): stages 1–3 run in
+//! order into one folder, a second run skips them all, a changed stage-2 setting reruns stage 2 and 3 only,
+//! `--only` and `--force` do what they say.
+
+use std::path::Path;
+
+use crate::common::{run_clean, stderr, stdout};
+
+fn write_images(root: &Path) {
+    for c in 0..3u32 {
+        let dir = root.join(format!("class{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..8u32 {
+            let img = image::RgbImage::from_fn(8, 8, |x, y| {
+                let wave = (((x * 3 + y * 5 + i * 7) % 11) * 8) as u8;
+                let mut px = [wave, wave, wave];
+                px[c as usize] = px[c as usize].saturating_add(150);
+                image::Rgb(px)
+            });
+            img.save(dir.join(format!("{i}.png"))).unwrap();
+        }
+    }
+}
+
+fn config(sigma: f64) -> String {
+    let sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_sd/model");
+    format!(
+        r#"[run]
+out_dir = "run"
+seed = 1
+device = "cpu"
+threads = 1
+
+[data]
+classes = "classes.toml"
+size = 8
+padding = 1
+mean = [0.5, 0.5, 0.5]
+std = [0.25, 0.25, 0.25]
+[data.train]
+format = "folder"
+path = "images"
+
+[latent]
+sd_model = "{sd}"
+depth = "resnet18"
+epochs = 1
+batch = 8
+bank_per_class = 4
+
+[sample]
+k = 2
+select = 2
+anchors = 2
+candidates = 10
+keep = 1
+per_class = 2
+sigma = {sigma}
+
+[generate]
+model = "{sd}"
+per_class = 1
+steps = 2
+batch = 3
+image_size = 16
+threads = 1
+"#,
+        sd = sd.display()
+    )
+}
+
+fn actions(out: &std::process::Output) -> Vec<(String, String)> {
+    stdout(out)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("run folder"))
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let stage = parts.next().unwrap().to_owned();
+            let rest: Vec<&str> = parts.collect();
+            (stage, rest[..rest.len() - 1].join(" "))
+        })
+        .collect()
+}
+
+#[test]
+fn run_chains_the_stages_and_skips_what_is_up_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    write_images(&dir.path().join("images"));
+    std::fs::write(
+        dir.path().join("classes.toml"),
+        "[[class]]\nname = \"apple\"\n[[class]]\nname = \"cat\"\n[[class]]\nname = \"dog\"\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("micro.toml");
+    std::fs::write(&cfg, config(0.07)).unwrap();
+    let cfg_arg = cfg.to_str().unwrap();
+
+    let out = run_clean(dir.path(), &["run", cfg_arg], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ran =
+        |a: &[(String, String)], stage: &str| a.iter().find(|(s, _)| s == stage).unwrap().1.clone();
+    let a = actions(&out);
+    for stage in ["latent", "sample", "generate"] {
+        assert_eq!(ran(&a, stage), "ran", "{a:?}");
+    }
+    let run = dir.path().join("run");
+    assert!(run.join("latent/bank.npy").exists());
+    assert!(run.join("sample/outliers.npy").exists());
+    let manifest = std::fs::read_to_string(run.join("generate/manifest.jsonl")).unwrap();
+    assert_eq!(manifest.lines().count(), 3, "{manifest}");
+    let stamp: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("generate/stamp.json")).unwrap()).unwrap();
+    assert_eq!(stamp["state"], "done");
+
+    // Nothing changed: everything is up to date.
+    let out = run_clean(dir.path(), &["run", cfg_arg], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = actions(&out);
+    for stage in ["latent", "sample", "generate"] {
+        assert_eq!(ran(&a, stage), "up to date", "{a:?}");
+    }
+
+    // A stage-2 setting changed: stages 2 and 3 rerun, stage 1 does not.
+    std::fs::write(&cfg, config(0.05)).unwrap();
+    let out = run_clean(dir.path(), &["run", cfg_arg], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = actions(&out);
+    assert_eq!(ran(&a, "latent"), "up to date", "{a:?}");
+    assert_eq!(ran(&a, "sample"), "ran", "{a:?}");
+    assert_eq!(ran(&a, "generate"), "ran", "{a:?}");
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("sample/outliers.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["settings"]["sigma"], 0.05, "{sidecar}");
+
+    // --only and --force.
+    let out = run_clean(
+        dir.path(),
+        &["run", cfg_arg, "--only", "sample", "--force"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let a = actions(&out);
+    assert_eq!(ran(&a, "sample"), "ran", "{a:?}");
+    assert_eq!(ran(&a, "latent"), "not selected", "{a:?}");
+    assert_eq!(ran(&a, "generate"), "not selected", "{a:?}");
+
+    let out = run_clean(dir.path(), &["run", cfg_arg, "--only", "train9"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown stage"), "{}", stderr(&out));
+}
