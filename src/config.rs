@@ -191,8 +191,13 @@ pub struct GenerateConfig {
     /// Resize the images to this size (bilinear, as the official 512 → 256) before quantising; 0 keeps the
     /// decoder's size. Default 0.
     pub resize: usize,
-    /// Execution provider: `cpu` (default) or `cuda` / `cuda:N` (a `make build-gpu` binary).
+    /// Execution provider: `cpu` (default), `cuda` / `cuda:N` or `tensorrt` / `tensorrt:N` (a
+    /// `make build-gpu` binary; TensorRT also needs the TensorRT 10 libraries).
     pub ep: String,
+    /// GPUs to spread the job over, one worker each (`[0, 1]`); empty = the device of `ep`. Default [].
+    pub devices: Vec<i32>,
+    /// TensorRT: allow fp16 kernels. Default true.
+    pub trt_fp16: bool,
     /// ONNX Runtime intra-op threads per session; 0 = cores / workers. Default 0.
     pub threads: usize,
     /// Parallel workers, each with its own sessions; 0 = auto (CPU: single-thread workers, one per core, as
@@ -220,6 +225,8 @@ impl Default for GenerateConfig {
             quantize: "round".to_owned(),
             resize: 0,
             ep: "cpu".to_owned(),
+            devices: Vec::new(),
+            trt_fp16: true,
             threads: 0,
             workers: 0,
             init_latents: None,

@@ -133,9 +133,15 @@ struct GenerateArgs {
     /// Resize images to N×N before quantising (official: --resize 256 --quantize floor) [default: 0 = keep].
     #[arg(long, value_name = "N")]
     resize: Option<usize>,
-    /// cpu, cuda or cuda:N [default: cpu].
+    /// cpu, cuda, cuda:N, tensorrt or tensorrt:N [default: cpu].
     #[arg(long)]
     ep: Option<String>,
+    /// GPUs to spread the job over, one worker each (e.g. 0,1,2,3) [default: the device of --ep].
+    #[arg(long, value_delimiter = ',')]
+    devices: Option<Vec<i32>>,
+    /// TensorRT: allow fp16 kernels [default: true].
+    #[arg(long, value_name = "BOOL")]
+    trt_fp16: Option<bool>,
     /// ONNX Runtime intra-op threads per session [default: 0 = cores / workers].
     #[arg(long)]
     threads: Option<usize>,
@@ -258,7 +264,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
         ($($field:ident),*) => { $(if let Some(v) = args.$field { cfg.$field = Some(abs(v)); })* };
     }
     set!(
-        steps, guidance, scheduler, batch, seed, image_size, quantize, resize, ep, threads, workers
+        steps, guidance, scheduler, batch, seed, image_size, quantize, resize, ep, threads,
+        workers, devices, trt_fp16
     );
     set_path!(model, embeddings, classes, out, init_latents);
     if args.per_class.is_some() || args.total.is_some() {

@@ -57,6 +57,8 @@ pub struct GenerateJob {
     pub resize: Option<usize>,
     /// Parallel workers, each with its own sessions; 0 = auto ([`worker_layout`]).
     pub workers: usize,
+    /// GPUs to spread the workers over, one worker each; empty = the provider's device.
+    pub devices: Vec<i32>,
     #[serde(skip)]
     pub session: SessionOptions,
 }
@@ -65,15 +67,31 @@ pub struct GenerateJob {
 #[derive(Debug, Clone)]
 pub struct WorkerLayout {
     pub workers: usize,
+    /// Session options of worker 0 (all workers on the CPU).
     pub session: SessionOptions,
+    /// Worker w's device, when the job is spread over GPUs.
+    pub devices: Vec<i32>,
+}
+
+impl WorkerLayout {
+    /// The session options of worker `w`.
+    pub fn session_of(&self, w: usize) -> SessionOptions {
+        match self.devices.get(w) {
+            Some(&device) => SessionOptions {
+                provider: self.session.provider.on_device(device),
+                ..self.session.clone()
+            },
+            None => self.session.clone(),
+        }
+    }
 }
 
 /// Chooses the worker layout. CPU, `workers = 0` (auto): one ONNX Runtime session with n threads runs the
 /// UNet's small convolutions at well under n times the speed of one thread (measured: 2 threads give about
 /// 1.7× of 1), so independent workers with fewer threads each win on throughput; auto takes as many
 /// single-thread workers as there are cores, capped so that their model copies use at most half the available
-/// memory. GPU: one worker (one per device is the `--shard` / one-process-per-GPU route). An explicit count
-/// splits the cores evenly unless `threads` is set. The choice is logged.
+/// memory. GPU: one worker per device of `devices` (in one process), else one. An explicit count splits the
+/// cores evenly unless `threads` is set. The choice is logged.
 pub fn worker_layout(job: &GenerateJob, dir: &SdModelDir) -> WorkerLayout {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut session = job.session.clone();
@@ -92,6 +110,7 @@ pub fn worker_layout(job: &GenerateJob, dir: &SdModelDir) -> WorkerLayout {
             cores.min(by_memory).max(1)
         }
         (super::session::Provider::Cpu, n) => n,
+        _ if !job.devices.is_empty() => job.devices.len(),
         (_, 0) => 1,
         (_, n) => n,
     };
@@ -104,7 +123,11 @@ pub fn worker_layout(job: &GenerateJob, dir: &SdModelDir) -> WorkerLayout {
         cores,
         "worker layout"
     );
-    WorkerLayout { workers, session }
+    WorkerLayout {
+        workers,
+        session,
+        devices: job.devices.clone(),
+    }
 }
 
 /// `MemAvailable` of `/proc/meminfo`, in bytes (Linux).
@@ -323,7 +346,7 @@ pub fn run_generate(
     }
     let dir = SdModelDir::open(&job.model)?;
     let layout = worker_layout(job, &dir);
-    let sd = StableDiffusion::load(dir, &layout.session)?;
+    let sd = StableDiffusion::load(dir, &layout.session_of(0))?;
     let embeddings = Embeddings::load(
         &job.embeddings,
         classes.len(),
@@ -478,7 +501,7 @@ pub fn run_generate(
                 let loaded = match own {
                     Some(sd) => Ok(sd),
                     None => SdModelDir::open(&job.model)
-                        .and_then(|dir| StableDiffusion::load(dir, &layout.session)),
+                        .and_then(|dir| StableDiffusion::load(dir, &layout.session_of(w))),
                 };
                 let mut sd = match loaded {
                     Ok(sd) => sd,
@@ -766,19 +789,47 @@ impl GenerateJob {
                 ));
             }
         };
-        let provider = match cfg.ep.as_str() {
-            "cpu" => super::session::Provider::Cpu,
-            "cuda" => super::session::Provider::Cuda { device: 0 },
-            other => match other.strip_prefix("cuda:").and_then(|d| d.parse().ok()) {
-                Some(device) => super::session::Provider::Cuda { device },
-                None => {
+        let (kind, device) = match cfg.ep.split_once(':') {
+            Some((k, d)) => match d.parse::<i32>() {
+                Ok(d) if d >= 0 => (k, d),
+                _ => {
                     return Err(invalid(
                         "ep",
-                        format!("unknown \"{other}\"; expected cpu, cuda or cuda:N"),
+                        format!("\"{}\": the device must be a number ≥ 0", cfg.ep),
                     ));
                 }
             },
+            None => (cfg.ep.as_str(), 0),
         };
+        let provider = match kind {
+            "cpu" if cfg.ep == "cpu" => super::session::Provider::Cpu,
+            "cuda" => super::session::Provider::Cuda { device },
+            "tensorrt" => super::session::Provider::TensorRt {
+                device,
+                fp16: cfg.trt_fp16,
+                cache_dir: super::te_cache::default_root().map(|r| r.join("tensorrt")),
+            },
+            _ => {
+                return Err(invalid(
+                    "ep",
+                    format!(
+                        "unknown \"{}\"; expected cpu, cuda, cuda:N, tensorrt or tensorrt:N",
+                        cfg.ep
+                    ),
+                ));
+            }
+        };
+        if !cfg.devices.is_empty() {
+            if matches!(provider, super::session::Provider::Cpu) {
+                return Err(invalid(
+                    "devices",
+                    "spreads a GPU job over devices; set ep to cuda or tensorrt".to_owned(),
+                ));
+            }
+            if let Some(&bad) = cfg.devices.iter().find(|&&d| d < 0) {
+                return Err(invalid("devices", format!("{bad} is not a device number")));
+            }
+        }
         if !(cfg.guidance.is_finite() && cfg.guidance >= 0.0) {
             return Err(invalid(
                 "guidance",
@@ -814,11 +865,73 @@ impl GenerateJob {
             quantize,
             resize: (cfg.resize > 0).then_some(cfg.resize),
             workers: cfg.workers,
+            devices: cfg.devices.clone(),
             session: SessionOptions {
                 provider,
                 intra_threads: cfg.threads,
                 text_encoder_cache: super::te_cache::default_root(),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GenerateConfig;
+    use crate::diffusion::session::Provider;
+
+    fn config(ep: &str, devices: Vec<i32>) -> GenerateConfig {
+        GenerateConfig {
+            model: Some("m".into()),
+            embeddings: Some("e.npy".into()),
+            classes: Some("c.toml".into()),
+            out: Some("o".into()),
+            per_class: Some(1),
+            ep: ep.into(),
+            devices,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn providers_parse_with_their_devices() {
+        let job = |ep: &str| GenerateJob::from_config(&config(ep, vec![]), Path::new("."));
+        assert_eq!(job("cpu").unwrap().session.provider, Provider::Cpu);
+        assert_eq!(
+            job("cuda:2").unwrap().session.provider,
+            Provider::Cuda { device: 2 }
+        );
+        match job("tensorrt:1").unwrap().session.provider {
+            Provider::TensorRt { device, fp16, .. } => assert_eq!((device, fp16), (1, true)),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["cuda:x", "cpu:1", "gpu", "tensorrt:-1"] {
+            let err = job(bad).unwrap_err().to_string();
+            assert!(err.contains("generate.ep"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn devices_give_one_worker_each_on_its_device() {
+        let job = GenerateJob::from_config(&config("cuda", vec![0, 3]), Path::new(".")).unwrap();
+        let dir = SdModelDir {
+            root: "m".into(),
+            text_encoder: "m/text_encoder/model.onnx".into(),
+            unet: "m/unet/model.onnx".into(),
+            vae_decoder: "m/vae_decoder/model.onnx".into(),
+            tokenizer: "m/tokenizer".into(),
+            scheduler: Default::default(),
+            vae_scaling_factor: 0.18215,
+            vae_scale_factor: 8,
+        };
+        let layout = worker_layout(&job, &dir);
+        assert_eq!(layout.workers, 2);
+        assert_eq!(layout.session_of(0).provider, Provider::Cuda { device: 0 });
+        assert_eq!(layout.session_of(1).provider, Provider::Cuda { device: 3 });
+        let err = GenerateJob::from_config(&config("cpu", vec![0]), Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("generate.devices"), "{err}");
     }
 }

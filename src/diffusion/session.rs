@@ -23,6 +23,34 @@ pub enum Provider {
     Cuda {
         device: i32,
     },
+    /// TensorRT on one device, with CUDA for the nodes TensorRT does not take (needs a
+    /// `--features tensorrt,cuda` build, `onnxruntime-gpu` and the TensorRT 10 libraries).
+    TensorRt {
+        device: i32,
+        /// Let TensorRT pick fp16 kernels (`trt_fp16_enable`); I/O stays as the export declares it.
+        fp16: bool,
+        /// Engine and timing caches (`trt_engine_cache_path`, `trt_timing_cache_path`). ONNX Runtime names
+        /// each engine by the hash of the (sub)graph it was built from and the input shapes, so one folder
+        /// serves every model safely; `None` rebuilds the engines at every start (minutes for SD's UNet).
+        cache_dir: Option<std::path::PathBuf>,
+    },
+}
+
+impl Provider {
+    /// The same provider on another device (CPU stays CPU).
+    pub fn on_device(&self, device: i32) -> Provider {
+        match self {
+            Provider::Cpu => Provider::Cpu,
+            Provider::Cuda { .. } => Provider::Cuda { device },
+            Provider::TensorRt {
+                fp16, cache_dir, ..
+            } => Provider::TensorRt {
+                device,
+                fp16: *fp16,
+                cache_dir: cache_dir.clone(),
+            },
+        }
+    }
 }
 
 /// How the SD sessions are built.
@@ -95,6 +123,46 @@ fn register_provider(
                 .build()
                 .error_on_failure()])
             .map_err(|e| Error::ort(format!("{what}: registering CUDA device {device}"), e)),
+        #[cfg(all(feature = "tensorrt", feature = "cuda"))]
+        Provider::TensorRt {
+            device,
+            fp16,
+            cache_dir,
+        } => {
+            let mut trt = ort::ep::TensorRT::default()
+                .with_device_id(*device)
+                .with_fp16(*fp16);
+            if let Some(dir) = cache_dir {
+                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+                let dir = dir.display().to_string();
+                trt = trt
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(&dir)
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(&dir);
+            }
+            builder
+                .with_execution_providers([
+                    trt.build().error_on_failure(),
+                    ort::ep::CUDA::default()
+                        .with_device_id(*device)
+                        .build()
+                        .error_on_failure(),
+                ])
+                .map_err(|e| {
+                    Error::ort(
+                        format!("{what}: registering TensorRT on device {device}"),
+                        e,
+                    )
+                })
+        }
+        #[cfg(not(all(feature = "tensorrt", feature = "cuda")))]
+        Provider::TensorRt { .. } => Err(Error::InvalidValue {
+            key: "ep".to_owned(),
+            msg: format!(
+                "{what}: TensorRT was requested but this binary was built without the `tensorrt` and `cuda` features (`make build-gpu`)"
+            ),
+        }),
         #[cfg(not(feature = "cuda"))]
         Provider::Cuda { .. } => Err(Error::InvalidValue {
             key: "ep".to_owned(),
