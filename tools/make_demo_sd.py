@@ -26,7 +26,9 @@ checked by sha256), 28x28 gray padded by 2 black pixels on each side to 32x32, r
 to [-1, 1].
 
 Run (about an hour on 1 contended CPU core):
-    nice -n 19 .deps/venv/bin/python tools/make_demo_sd.py
+    nice -n 19 .deps/venv/bin/python tools/make_demo_sd.py [--dream-ood target/release/dream-ood]
+With `--dream-ood target/release/dream-ood`, it also checks that `dream-ood generate` on the export reproduces
+this script's images (same initial latents, the class tokens' own rows as embeddings) and says so in the card.
 Smoke test of the whole path (a few minutes, writes to .deps/demo-sd-smoke/, not onnx/):
     nice -n 19 .deps/venv/bin/python tools/make_demo_sd.py --smoke
 Stages cache their results in the work folder (`.deps/demo-sd-work/`), so a rerun resumes after the last
@@ -53,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.dont_write_bytecode = True  # no tools/__pycache__ from the import below
 sys.path.insert(0, str(ROOT / "tools"))
 from make_tiny_sd_fixture import (SD_SCHEDULER, DecoderWrapper, TextWrapper, UNetWrapper,  # noqa: E402
                                   bytes_to_unicode, export)
@@ -512,6 +515,39 @@ def stage_eval(cfg, work: Path, out: Path):
     return fidelity
 
 
+def stage_check(cfg, work: Path, out: Path, binary: str):
+    """`dream-ood generate` on the export against this script's onnxruntime pipeline: the same initial latents,
+    the class tokens' own rows as the "outlier" embeddings (= the plain prompts), PNDM 50 steps, guidance 7.5."""
+    import onnx
+    from onnx import numpy_helper
+    from PIL import Image
+    table = next(numpy_helper.to_array(i) for i in onnx.load(str(out / "text_encoder/model.onnx")).graph.initializer
+                 if tuple(i.dims) == (49408, 64))
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(f"{tmp}/E.npy", table[cfg["anchor_ids"]][:, None, :].astype(np.float32))
+        latents = np.random.default_rng(cfg["seed"] + 200).standard_normal((20, 4, 8, 8)).astype(np.float32)
+        np.save(f"{tmp}/L.npy", latents)
+        cmd = [binary, "generate", "-q", "--model", str(out), "--embeddings", f"{tmp}/E.npy", "--classes",
+               str(ROOT / "configs/classes/fashion-mnist.toml"), "--out", f"{tmp}/gen", "--per-class", "2",
+               "--image-size", "32", "--init-latents", f"{tmp}/L.npy", "--steps", "50", "--guidance", "7.5",
+               "--scheduler", "pndm", "--threads", "1", "--workers", "1"]
+        subprocess.run(cmd, check=True)
+        rows = [json.loads(line) for line in open(f"{tmp}/gen/manifest.jsonl")]
+        pipe = OrtPipeline(out, cfg["threads"])
+        worst = 0
+        for r in rows:
+            k, c = r["index"], r["class_index"]
+            mine = pipe([TEMPLATE.format(CLASSES[c][1])], latents[k:k + 1], "pndm", 50, 7.5)[0].transpose(1, 2, 0)
+            theirs = np.asarray(Image.open(f"{tmp}/gen/{r['file']}").convert("RGB"))
+            worst = max(worst, int(np.abs(mine.astype(int) - theirs.astype(int)).max()))
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+    fidelity = json.loads((work / "fidelity.json").read_text())
+    fidelity["dream_ood_check"] = {"images": len(rows), "max_abs_diff_u8": worst, "dream_ood": version}
+    (work / "fidelity.json").write_text(json.dumps(fidelity, indent=2) + "\n")
+    shutil.copy(work / "fidelity.json", out / "fidelity.json")
+    log(f"dream-ood generate vs this script's pipeline: {len(rows)} images, max difference {worst}/255")
+
+
 # ------------------------------------------------------------------------------------------------ model card
 
 def folder_size(p: Path):
@@ -647,7 +683,12 @@ Generated images: {head['per_class_images']} per class from the plain prompt of 
 onnxruntime (CPU) through the exported files (text encoder, UNet loop with diffusers' scheduler and
 classifier-free guidance against the empty prompt, VAE decoder), quantised to uint8 as diffusers does
 (round(255 x)), then classified. The settings were fixed before any result was seen; the first is
-dream-ood generate's default.
+dream-ood generate's default.""" + ("" if "dream_ood_check" not in fidelity else f"""
+
+`{fidelity['dream_ood_check']['dream_ood']} generate` on this folder, fed the same initial latents and the class
+tokens' own rows as embeddings (which is the plain prompt), gives the same images as this pipeline to within
+{fidelity['dream_ood_check']['max_abs_diff_u8']}/255 per pixel ({fidelity['dream_ood_check']['images']} images,
+PNDM 50 steps, guidance 7.5), so the numbers hold for dream-ood's stage 3.""") + f"""
 
 | label | class | real test images | """ + " | ".join(f"generated, {g['scheduler'].upper()} {g['steps']} steps, guidance {g['guidance']}" for g in gen) + """ |
 |---|---|---|""" + "---|" * len(gen) + "\n" + per_class_rows + f"""
@@ -661,7 +702,8 @@ Confusion of the headline setting (rows: prompted class, columns: predicted labe
 ## Reproduce
 
 ```sh
-nice -n 19 .deps/venv/bin/python tools/make_demo_sd.py      # fetches the data and the BPE, trains, exports, evaluates
+nice -n 19 .deps/venv/bin/python tools/make_demo_sd.py --dream-ood target/release/dream-ood
+# fetches the data and the BPE, trains, exports, evaluates, checks dream-ood generate against the export
 ```
 
 The stages' wall times above plus the fidelity check ({sum(g['seconds'] for g in gen) / 60:.1f} min) add up to
@@ -699,9 +741,11 @@ def main():
     ap.add_argument("--work", type=Path, default=None, help="stage cache folder")
     ap.add_argument("--out", type=Path, default=None, help="export folder (default onnx/demo-sd)")
     ap.add_argument("--stage", default="all",
-                    choices=["all", "vae", "latents", "unet", "classifier", "export", "eval", "card"])
+                    choices=["all", "vae", "latents", "unet", "classifier", "export", "eval", "check", "card"])
     ap.add_argument("--threads", type=int, default=1, help="torch / onnxruntime threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dream-ood", default=None, metavar="BIN",
+                    help="a dream-ood binary: check that its `generate` reproduces this script's images")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = dict(SMOKE if args.smoke else FULL, seed=args.seed, threads=args.threads)
@@ -726,7 +770,9 @@ def main():
         stage_export(cfg, work, out, args.data / "open_clip")
     if run("eval"):
         stage_eval(cfg, work, out)
-    if run("eval") or args.stage == "card":
+    if args.dream_ood and run("check"):
+        stage_check(cfg, work, out, args.dream_ood)
+    if run("eval") or args.stage in ("check", "card"):
         write_card(cfg, work, out, json.loads((work / "fidelity.json").read_text()), wall_start)
 
 
