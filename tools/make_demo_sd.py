@@ -65,6 +65,12 @@ OPEN_CLIP_WHEEL = "open_clip_torch==3.3.0"
 OPEN_CLIP_WHEEL_SHA256 = "c549ad5ed6bfc119cc11105033c0a2b9d7a2a4afeb40a58a09aab3da1a0043ce"
 FASHION_FILES = {"train_x": "train-images-idx3-ubyte.gz", "train_y": "train-labels-idx1-ubyte.gz",
                  "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz"}
+# The IDX files inside that .deb (the same as upstream Fashion-MNIST's), checked on every run.
+FASHION_FILE_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"}
 TEMPLATE = "A high-quality image of the {}"
 # Fashion-MNIST label order. (class name in the dataset, prompt word). Every prompt word is one CLIP BPE token,
 # and the ten tokens are distinct, so each class's anchor (the first BPE token of its word) is its own.
@@ -129,6 +135,9 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load_fashion(data_dir: Path):
     d = fetch_fashion(data_dir)
+    for f, want in FASHION_FILE_SHA256.items():
+        if sha256(d / f) != want:
+            sys.exit(f"{d / f}: sha256 differs from {want}; delete the folder to fetch it again")
     arrays = {k: read_idx(d / f) for k, f in FASHION_FILES.items()}
     return arrays["train_x"], arrays["train_y"].astype(np.int64), arrays["test_x"], arrays["test_y"].astype(np.int64)
 
