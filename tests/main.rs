@@ -48,3 +48,6 @@ mod latent;
 
 /// `dream-ood run`: stages chained in one folder, skipped when up to date, rerun when their settings change.
 mod run;
+
+/// The shipped demo SD (`onnx/demo-sd/`): opens, CLIP anchors, 32×32 images from `generate`.
+mod demo_sd;
