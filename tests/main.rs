@@ -38,3 +38,7 @@ mod sampling;
 /// `src/data/`: transforms against torchvision with its draws replayed, every source format through the
 /// loader, corrupt files skipped or failing.
 mod data;
+
+/// Stages 6–7: checkpoint → `export` parity with libtorch for every ResNet, calibration through the graph,
+/// metadata, `score` rows against the data layer + libtorch and its error rows, `serve` over loopback HTTP.
+mod deploy;

@@ -46,8 +46,8 @@ fn route_label(route: &str) -> &'static str {
 }
 
 impl Metrics {
-    /// Counts a finished request; `/v1/score` requests also go into the latency histogram.
-    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
+    /// Counts a finished request.
+    pub fn request(&self, route: &str, status: u16) {
         let route = route_label(route);
         *self
             .requests
@@ -55,15 +55,17 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry((route, status))
             .or_default() += 1;
-        if route == "/v1/score" {
-            let secs = elapsed.as_secs_f64();
-            let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
-                h.buckets[i] += 1;
-            }
-            h.sum += secs;
-            h.count += 1;
+    }
+
+    /// Records the latency of one `POST /v1/score` request (answered with any status).
+    pub fn score_latency(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let mut h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            h.buckets[i] += 1;
         }
+        h.sum += secs;
+        h.count += 1;
     }
 
     /// Counts scored images and how many of them were OOD.
@@ -174,10 +176,11 @@ mod tests {
     #[test]
     fn renders_counters_rate_and_cumulative_buckets() {
         let m = Metrics::default();
-        m.request("/v1/score", 200, Duration::from_millis(3));
-        m.request("/v1/score", 200, Duration::from_millis(40));
-        m.request("/v1/score", 413, Duration::from_secs(100));
-        m.request("/wp-admin", 404, Duration::ZERO);
+        for (code, ms) in [(200, 3), (200, 40), (413, 100_000)] {
+            m.request("/v1/score", code);
+            m.score_latency(Duration::from_millis(ms));
+        }
+        m.request("/wp-admin", 404);
         m.scored(4, 1);
         m.batch(3);
         m.batch(1);

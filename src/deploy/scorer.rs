@@ -98,7 +98,9 @@ impl Preprocessor {
         let reader = image::ImageReader::new(Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| ImageError::Corrupt(e.to_string()))?;
-        if reader.format().is_none() {
+        // The decoders built in; other formats the content sniffing knows (GIF, BMP, …) are refused too.
+        use image::ImageFormat::{Jpeg, Png, WebP};
+        if !matches!(reader.format(), Some(Png | Jpeg | WebP)) {
             return Err(ImageError::NotAnImage);
         }
         let (width, height) = reader

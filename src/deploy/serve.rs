@@ -194,18 +194,17 @@ async fn shutdown_signal() {
 }
 
 async fn model_info(State(st): State<Arc<AppState>>) -> Response {
-    let started = Instant::now();
-    st.metrics.request("/v1/model", 200, started.elapsed());
+    st.metrics.request("/v1/model", 200);
     axum::Json(st.model.clone()).into_response()
 }
 
 async fn healthz(State(st): State<Arc<AppState>>) -> Response {
-    st.metrics.request("/healthz", 200, Duration::ZERO);
+    st.metrics.request("/healthz", 200);
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
-    st.metrics.request("/metrics", 200, Duration::ZERO);
+    st.metrics.request("/metrics", 200);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         st.metrics.render(),
@@ -214,7 +213,7 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn not_found(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    st.metrics.request("other", 404, Duration::ZERO);
+    st.metrics.request("other", 404);
     ApiError::new(
         StatusCode::NOT_FOUND,
         format!(
@@ -228,7 +227,7 @@ async fn not_found(State(st): State<Arc<AppState>>, req: Request) -> Response {
 
 async fn method_not_allowed(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let route = req.uri().path().to_owned();
-    st.metrics.request(&route, 405, Duration::ZERO);
+    st.metrics.request(&route, 405);
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         format!("{} is not allowed on {route}", req.method()),
@@ -270,8 +269,8 @@ async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
             e.into_response()
         }
     };
-    st.metrics
-        .request("/v1/score", response.status().as_u16(), started.elapsed());
+    st.metrics.request("/v1/score", response.status().as_u16());
+    st.metrics.score_latency(started.elapsed());
     response
 }
 
