@@ -74,7 +74,8 @@ fn transform(spec: &str) -> anyhow::Result<Pipeline> {
             let p: Pipeline = serde_json::from_str(&text).with_context(|| {
                 format!("--transform: {path} is not a transform pipeline (JSON)")
             })?;
-            p.validate().with_context(|| format!("--transform: {path}"))?;
+            p.validate()
+                .with_context(|| format!("--transform: {path}"))?;
             p
         }
     })
@@ -89,12 +90,19 @@ fn classes(path: &PathBuf) -> anyhow::Result<Vec<String>> {
         .filter(|l| !l.is_empty())
         .map(str::to_owned)
         .collect();
-    anyhow::ensure!(!names.is_empty(), "--classes: {} has no class names", path.display());
+    anyhow::ensure!(
+        !names.is_empty(),
+        "--classes: {} has no class names",
+        path.display()
+    );
     Ok(names)
 }
 
 /// Runs `export`; prints the written file's path on stdout.
-pub fn run(args: ExportArgs, progress: &dyn dream_ood::progress::Progress) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: ExportArgs,
+    progress: &dyn dream_ood::progress::Progress,
+) -> anyhow::Result<ExitCode> {
     let score = match args.score.as_str() {
         "energy" => ScoreKind::Energy {
             temperature: args.temperature,

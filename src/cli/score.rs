@@ -33,7 +33,10 @@ pub struct ScoreArgs {
 }
 
 /// Runs `score`: exit 1 when any file could not be scored (its row says why), 0 otherwise.
-pub fn run(args: ScoreArgs, progress: &dyn dream_ood::progress::Progress) -> anyhow::Result<ExitCode> {
+pub fn run(
+    args: ScoreArgs,
+    progress: &dyn dream_ood::progress::Progress,
+) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     let opts = SessionOptions {
         intra_threads: args.threads,
@@ -48,22 +51,28 @@ pub fn run(args: ScoreArgs, progress: &dyn dream_ood::progress::Progress) -> any
         None => {
             let stdout = std::io::stdout().lock();
             let mut writer = RowWriter::new(std::io::BufWriter::new(stdout), args.format)?;
-            let summary = score_files(&mut detector, &files, args.batch, progress, &mut |row: Row| {
-                writer.write(&row)
-            })?;
+            let summary = score_files(
+                &mut detector,
+                &files,
+                args.batch,
+                progress,
+                &mut |row: Row| writer.write(&row),
+            )?;
             writer.finish()?.flush()?;
             summary
         }
         Some(out) => {
             let tmp = temp_path(out);
-            let file = std::fs::File::create(&tmp)
-                .map_err(|e| dream_ood::Error::io(&tmp, e))?;
+            let file = std::fs::File::create(&tmp).map_err(|e| dream_ood::Error::io(&tmp, e))?;
             let result = (|| -> anyhow::Result<_> {
                 let mut writer = RowWriter::new(std::io::BufWriter::new(file), args.format)?;
-                let summary =
-                    score_files(&mut detector, &files, args.batch, progress, &mut |row: Row| {
-                        writer.write(&row)
-                    })?;
+                let summary = score_files(
+                    &mut detector,
+                    &files,
+                    args.batch,
+                    progress,
+                    &mut |row: Row| writer.write(&row),
+                )?;
                 let file = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
                 file.sync_all()?;
                 std::fs::rename(&tmp, out).map_err(|e| dream_ood::Error::io(out, e))?;
@@ -84,7 +93,11 @@ pub fn run(args: ScoreArgs, progress: &dyn dream_ood::progress::Progress) -> any
         "score done"
     );
     if summary.failed > 0 {
-        tracing::warn!("{} of {} files could not be scored (see their rows)", summary.failed, summary.count);
+        tracing::warn!(
+            "{} of {} files could not be scored (see their rows)",
+            summary.failed,
+            summary.count
+        );
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)

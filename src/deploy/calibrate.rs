@@ -158,7 +158,9 @@ mod tests {
     fn agrees_with_floor_of_one_minus_tpr_times_n() {
         // The closed form of the reference notes, t = c₍⌊(1−TPR)·n⌋₎, on sizes where it is unambiguous.
         for n in [1usize, 7, 19, 20, 21, 99, 100, 101, 1000, 1001] {
-            let scores: Vec<f32> = (0..n).map(|i| ((i * 7919) % n) as f32 * 0.25 - 3.0).collect();
+            let scores: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % n) as f32 * 0.25 - 3.0)
+                .collect();
             let mut sorted = scores.clone();
             sorted.sort_by(f32::total_cmp);
             for tpr in [0.9, 0.95, 0.99, 1.0] {
@@ -180,8 +182,15 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_errors() {
-        assert!(threshold_at_tpr(&[], 0.95).unwrap_err().to_string().contains("no ID scores"));
-        let err = threshold_at_tpr(&[1.0, f32::NAN], 0.95).unwrap_err().to_string();
+        assert!(
+            threshold_at_tpr(&[], 0.95)
+                .unwrap_err()
+                .to_string()
+                .contains("no ID scores")
+        );
+        let err = threshold_at_tpr(&[1.0, f32::NAN], 0.95)
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "calibration: score 1 is NaN; scores must be finite");
         for bad in [0.0, -0.1, 1.01, f64::NAN] {
             let err = threshold_at_tpr(&[1.0], bad).unwrap_err().to_string();

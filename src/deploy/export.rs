@@ -93,9 +93,10 @@ pub fn export(job: &ExportJob, progress: &dyn Progress) -> Result<ExportReport> 
     if job.per_class && !matches!(job.calibration, CalibrationSet::Images(_)) {
         return Err(Error::InvalidValue {
             key: "per_class_thresholds".to_owned(),
-            msg: "per-class thresholds need calibration images (the predicted class of each), not a \
+            msg:
+                "per-class thresholds need calibration images (the predicted class of each), not a \
                   scores file or nothing"
-                .to_owned(),
+                    .to_owned(),
         });
     }
     let (info, weights) = read_weights(&job.checkpoint)?;
@@ -258,7 +259,12 @@ fn calibrate_on_images(
     })?;
     if !failed.is_empty() {
         let more = failed.len().saturating_sub(3);
-        let mut msg = failed.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+        let mut msg = failed
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
         if more > 0 {
             msg.push_str(&format!("; and {more} more"));
         }
@@ -296,7 +302,12 @@ fn calibrate_on_images(
              global threshold {}",
             missing.len(),
             values.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
             global.threshold
         );
     }
@@ -311,7 +322,13 @@ fn calibrate_on_images(
         achieved_tpr: accepted as f64 / scores.len() as f64,
         count: scores.len(),
     };
-    let info = info_of(&overall, Some(values.clone()), job.target_tpr, "images", sha);
+    let info = info_of(
+        &overall,
+        Some(values.clone()),
+        job.target_tpr,
+        "images",
+        sha,
+    );
     Ok((Threshold::PerClass(values), info, missing))
 }
 
@@ -339,9 +356,12 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The training config's hash from the checkpoint's `extra`: `config_sha256` (or `config_hash`).
 fn training_config_hash(info: &CheckpointInfo) -> Option<String> {
-    ["config_sha256", "config_hash"]
-        .iter()
-        .find_map(|k| info.extra.get(*k).and_then(|v| v.as_str()).map(str::to_owned))
+    ["config_sha256", "config_hash"].iter().find_map(|k| {
+        info.extra
+            .get(*k)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    })
 }
 
 /// The network, class names and evaluation transform: from the checkpoint's metadata, or from the
@@ -381,7 +401,8 @@ fn resolve_network(
         None => {
             let (Some(depth), Some(stem)) = (over.depth, over.stem) else {
                 return Err(bad(
-                    "has no dream-ood metadata (a PyTorch state_dict?); give --arch and --stem".into(),
+                    "has no dream-ood metadata (a PyTorch state_dict?); give --arch and --stem"
+                        .into(),
                 ));
             };
             let dim = |name: &str, axis: usize| {
@@ -403,10 +424,15 @@ fn resolve_network(
                 Stem::Imagenet => Pipeline::imagenet_test(256, 224),
             };
             if over.classes.is_none() {
-                tracing::warn!("no class names in the checkpoint or on the command line: using 0..{}", network.out_dim);
+                tracing::warn!(
+                    "no class names in the checkpoint or on the command line: using 0..{}",
+                    network.out_dim
+                );
             }
             if over.eval_transform.is_none() {
-                tracing::warn!("no evaluation transform in the checkpoint or on the command line: using the {stem:?} test preset {transform:?}");
+                tracing::warn!(
+                    "no evaluation transform in the checkpoint or on the command line: using the {stem:?} test preset {transform:?}"
+                );
             }
             (network, classes, transform)
         }

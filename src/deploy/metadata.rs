@@ -182,7 +182,10 @@ impl DetectorMetadata {
                 p.push(("threshold.per_class", json(per_class)));
             }
             let rule = if c.per_class.is_some() {
-                format!("{} Per class: the same rule on the calibration images predicted as each class; a class with none uses `threshold`.", super::calibrate::RULE)
+                format!(
+                    "{} Per class: the same rule on the calibration images predicted as each class; a class with none uses `threshold`.",
+                    super::calibrate::RULE
+                )
             } else {
                 super::calibrate::RULE.to_owned()
             };
@@ -234,13 +237,20 @@ impl DetectorMetadata {
         if format > FORMAT_VERSION {
             return Err(bad(
                 "dream_ood.format",
-                format!("{format} is newer than this dream-ood reads ({FORMAT_VERSION}); upgrade dream-ood"),
+                format!(
+                    "{format} is newer than this dream-ood reads ({FORMAT_VERSION}); upgrade dream-ood"
+                ),
             ));
         }
         let input = match get("input.name")? {
             "input" => InputKind::Float,
             "image" => InputKind::Uint8,
-            other => return Err(bad("input.name", format!("{other:?}; expected input or image"))),
+            other => {
+                return Err(bad(
+                    "input.name",
+                    format!("{other:?}; expected input or image"),
+                ));
+            }
         };
         let score = match get("score")? {
             "energy" => ScoreKind::Energy {
@@ -257,7 +267,10 @@ impl DetectorMetadata {
         };
         let sign = get("score.sign")?;
         if sign != SCORE_SIGN {
-            return Err(bad("score.sign", format!("{sign:?}; expected {SCORE_SIGN}")));
+            return Err(bad(
+                "score.sign",
+                format!("{sign:?}; expected {SCORE_SIGN}"),
+            ));
         }
         let calibration = match props.get("threshold") {
             None => None,
@@ -267,7 +280,11 @@ impl DetectorMetadata {
                     .get("threshold.per_class")
                     .map(|v| from_json(v, "threshold.per_class", &bad))
                     .transpose()?,
-                target_tpr: parse(get("calibration.target_tpr")?, "calibration.target_tpr", &bad)?,
+                target_tpr: parse(
+                    get("calibration.target_tpr")?,
+                    "calibration.target_tpr",
+                    &bad,
+                )?,
                 achieved_tpr: parse(
                     get("calibration.achieved_tpr")?,
                     "calibration.achieved_tpr",
@@ -426,23 +443,38 @@ mod tests {
 
     #[test]
     fn missing_or_bad_keys_are_named() {
-        let mut props: HashMap<String, String> = sample(true, true).to_props().into_iter().collect();
+        let mut props: HashMap<String, String> =
+            sample(true, true).to_props().into_iter().collect();
         props.remove("classes");
-        let err = DetectorMetadata::from_props(&props, "d.onnx").unwrap_err().to_string();
+        let err = DetectorMetadata::from_props(&props, "d.onnx")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             err,
             "d.onnx: metadata_props has no `classes`: not a detector exported by `dream-ood export`"
         );
         props.insert("classes".into(), "[\"a\"]".into());
-        let err = DetectorMetadata::from_props(&props, "d.onnx").unwrap_err().to_string();
-        assert!(err.contains("1 class names for a head with 3 outputs"), "{err}");
+        let err = DetectorMetadata::from_props(&props, "d.onnx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1 class names for a head with 3 outputs"),
+            "{err}"
+        );
         props.insert("classes".into(), "[\"a\",\"b\",\"c\"]".into());
         props.insert("score".into(), "odin".into());
-        let err = DetectorMetadata::from_props(&props, "d.onnx").unwrap_err().to_string();
-        assert!(err.contains("`score`: \"odin\"; expected energy, msp or maxlogit"), "{err}");
+        let err = DetectorMetadata::from_props(&props, "d.onnx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`score`: \"odin\"; expected energy, msp or maxlogit"),
+            "{err}"
+        );
         props.insert("score".into(), "energy".into());
         props.insert("dream_ood.format".into(), "9".into());
-        let err = DetectorMetadata::from_props(&props, "d.onnx").unwrap_err().to_string();
+        let err = DetectorMetadata::from_props(&props, "d.onnx")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("newer than this dream-ood reads"), "{err}");
     }
 

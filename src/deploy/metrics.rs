@@ -150,7 +150,10 @@ impl Metrics {
             ),
         ];
         for (name, kind, help, value) in counters {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                s,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         let h = self.latency.lock().unwrap_or_else(|p| p.into_inner());
         let name = "dream_ood_request_duration_seconds";
@@ -202,7 +205,10 @@ mod tests {
             "dream_ood_request_duration_seconds_bucket{le=\"+Inf\"} 3",
             "dream_ood_request_duration_seconds_count 3",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
     }
 }

@@ -336,8 +336,10 @@ mod tests {
         })
         .unwrap();
         let text = String::from_utf8(w.finish().unwrap()).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(
             lines[0],
             serde_json::json!({"path": "a/x.png", "class": "dog, big", "class_index": 1,
@@ -377,7 +379,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
-        for f in ["b.PNG", "a.jpg", "notes.txt", ".hidden.png", "sub/c.webp", "sub/deeper/d.jpeg"] {
+        for f in [
+            "b.PNG",
+            "a.jpg",
+            "notes.txt",
+            ".hidden.png",
+            "sub/c.webp",
+            "sub/deeper/d.jpeg",
+        ] {
             std::fs::write(d.join(f), b"x").unwrap();
         }
         let explicit = d.join("notes.txt");
@@ -388,7 +397,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["a.jpg", "b.PNG", "sub/c.webp", "sub/deeper/d.jpeg", "notes.txt"]
+            [
+                "a.jpg",
+                "b.PNG",
+                "sub/c.webp",
+                "sub/deeper/d.jpeg",
+                "notes.txt"
+            ]
         );
         assert_eq!(ignored, 1);
     }

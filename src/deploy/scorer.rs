@@ -148,7 +148,8 @@ impl Preprocessor {
             InputKind::Uint8 => {
                 let mut img = img.to_channels(self.pipeline.channels).map_err(fail)?;
                 for t in &self.pipeline.transforms {
-                    img = crate::data::transforms::apply_one(t, img, &mut no_draws).map_err(fail)?;
+                    img =
+                        crate::data::transforms::apply_one(t, img, &mut no_draws).map_err(fail)?;
                 }
                 Ok(Prepared {
                     height: img.height(),
@@ -219,7 +220,10 @@ impl Detector {
 
     /// Opens a detector held in memory (the export's calibration pass).
     pub fn from_bytes(bytes: &[u8], what: &str, opts: &SessionOptions) -> Result<Self> {
-        Self::from_session(open_session_from_memory(bytes, what, opts)?, what.to_owned())
+        Self::from_session(
+            open_session_from_memory(bytes, what, opts)?,
+            what.to_owned(),
+        )
     }
 
     fn from_session(session: Session, what: String) -> Result<Self> {
@@ -478,7 +482,10 @@ mod tests {
             p.prepare_bytes(&bytes[..41]),
             Err(ImageError::TooLarge { width: 40, .. })
         ));
-        assert_eq!(p.prepare_bytes(b"hello").unwrap_err(), ImageError::NotAnImage);
+        assert_eq!(
+            p.prepare_bytes(b"hello").unwrap_err(),
+            ImageError::NotAnImage
+        );
         assert!(matches!(
             preprocessor(InputKind::Float).prepare_bytes(&png(10, 10)[..60]),
             Err(ImageError::Corrupt(_))
@@ -488,8 +495,12 @@ mod tests {
     #[test]
     fn float_and_uint8_layouts_hold_the_same_pixels() {
         let bytes = png(9, 7);
-        let f = preprocessor(InputKind::Float).prepare_bytes(&bytes).unwrap();
-        let u = preprocessor(InputKind::Uint8).prepare_bytes(&bytes).unwrap();
+        let f = preprocessor(InputKind::Float)
+            .prepare_bytes(&bytes)
+            .unwrap();
+        let u = preprocessor(InputKind::Uint8)
+            .prepare_bytes(&bytes)
+            .unwrap();
         let (PreparedData::F32(f), PreparedData::U8(u)) = (f.data, u.data) else {
             panic!("layouts");
         };

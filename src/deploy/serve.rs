@@ -119,12 +119,13 @@ pub fn serve(
         .build()
         .map_err(|e| Error::io("<tokio runtime>", e))?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(cfg.addr)
-            .await
-            .map_err(|e| Error::InvalidValue {
-                key: "addr".to_owned(),
-                msg: format!("cannot listen on {}: {e}", cfg.addr),
-            })?;
+        let listener =
+            tokio::net::TcpListener::bind(cfg.addr)
+                .await
+                .map_err(|e| Error::InvalidValue {
+                    key: "addr".to_owned(),
+                    msg: format!("cannot listen on {}: {e}", cfg.addr),
+                })?;
         let addr = listener
             .local_addr()
             .map_err(|e| Error::io("<listener>", e))?;
@@ -206,7 +207,10 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
 async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
     st.metrics.request("/metrics", 200);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         st.metrics.render(),
     )
         .into_response()
@@ -237,17 +241,17 @@ async fn method_not_allowed(State(st): State<Arc<AppState>>, req: Request) -> Re
 
 async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     let started = Instant::now();
-    let answer = match tokio::time::timeout(st.cfg.timeout, score_request(&st, &headers, body)).await
-    {
-        Ok(r) => r,
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the request took longer than the server's limit of {} ms",
-                st.cfg.timeout.as_millis()
-            ),
-        )),
-    };
+    let answer =
+        match tokio::time::timeout(st.cfg.timeout, score_request(&st, &headers, body)).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the request took longer than the server's limit of {} ms",
+                    st.cfg.timeout.as_millis()
+                ),
+            )),
+        };
     let response = match answer {
         Ok(results) => {
             let ood = results.iter().filter(|r| r.1.is_ood == Some(true)).count();
@@ -256,7 +260,9 @@ async fn score(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) 
                 .into_iter()
                 .map(|(label, scored)| {
                     let mut v = serde_json::to_value(scored).expect("invariant: plain data");
-                    if let (Some(obj), serde_json::Value::Object(label)) = (v.as_object_mut(), label) {
+                    if let (Some(obj), serde_json::Value::Object(label)) =
+                        (v.as_object_mut(), label)
+                    {
                         obj.extend(label.into_iter().filter(|(_, v)| !v.is_null()));
                     }
                     v
@@ -376,7 +382,10 @@ fn image_error(e: ImageError, label: serde_json::Value) -> ApiError {
     }
 }
 
-async fn multipart_parts(content_type: &str, bytes: Bytes) -> std::result::Result<Vec<Part>, ApiError> {
+async fn multipart_parts(
+    content_type: &str,
+    bytes: Bytes,
+) -> std::result::Result<Vec<Part>, ApiError> {
     let bad = |msg: String| ApiError::new(StatusCode::BAD_REQUEST, msg);
     let boundary = multer::parse_boundary(content_type)
         .map_err(|e| bad(format!("bad multipart Content-Type: {e}")))?;
