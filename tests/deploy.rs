@@ -75,18 +75,22 @@ fn class_names(n: i64) -> Vec<String> {
 
 /// Writes a checkpoint of `spec` with formula weights and returns its path.
 fn checkpoint(dir: &Path, name: &str, spec: &NetworkSpec, eval: Pipeline) -> PathBuf {
+    let mut info = CheckpointInfo::new("detector", spec.clone(), class_names(spec.out_dim), eval);
+    info.extra
+        .insert("config_sha256".into(), "0123abcd".repeat(8).into());
+    checkpoint_with(dir, name, &info)
+}
+
+fn checkpoint_with(dir: &Path, name: &str, info: &CheckpointInfo) -> PathBuf {
     let vs = tch::nn::VarStore::new(Device::Cpu);
-    let _net = spec.build(&vs.root());
+    let _net = info.network.build(&vs.root());
     tch::no_grad(|| {
         for (name, mut var) in vs.variables() {
             var.copy_(&fill(&name, &var.size()));
         }
     });
-    let mut info = CheckpointInfo::new("detector", spec.clone(), class_names(spec.out_dim), eval);
-    info.extra
-        .insert("config_sha256".into(), "0123abcd".repeat(8).into());
     let path = dir.join(name);
-    save(&path, &vs, &info).unwrap();
+    save(&path, &vs, info).unwrap();
     path
 }
 
@@ -628,6 +632,155 @@ fn a_state_dict_without_metadata_exports_with_flags() {
     assert_eq!(p["classes"], r#"["cat","dog"]"#);
     assert_eq!(p["input.size"], "224x224");
     assert!(!p.contains_key("training_config.sha256"));
+}
+
+/// The same checkpoint as `tools/make_export_check.py` writes with PyTorch, exported here, against what
+/// that script recorded: `onnx.checker` (full check) passed on its export, Python onnxruntime's outputs,
+/// PyTorch eager's logits, numpy's threshold and the metadata keys and values.
+#[test]
+fn export_matches_the_python_reference() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/deploy");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("export_check.json")).unwrap())
+            .unwrap();
+    assert!(fx["checker"].as_str().unwrap().starts_with("passed"));
+    assert!(fx["opset"].as_i64().unwrap() >= 17);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let classes: Vec<String> = ["apple", "bee, honey", "castle", "\"dolphin\""]
+        .map(String::from)
+        .to_vec();
+    let mut info = CheckpointInfo::new(
+        "detector",
+        spec(Depth::Resnet18, Stem::Cifar, 4),
+        classes,
+        Pipeline::cifar_test(),
+    );
+    info.extra
+        .insert("config_sha256".into(), "5".repeat(64).into());
+    checkpoint_with(d, "det.safetensors", &info);
+    let cal = fixtures.join("calibration");
+    let out = export_cli(
+        d,
+        &[
+            "--checkpoint",
+            "det.safetensors",
+            "--out",
+            "det.onnx",
+            "--preprocess",
+            "--score",
+            "energy",
+            "--temperature",
+            "1.5",
+            "--tpr",
+            "0.9",
+            "--calibration",
+            cal.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let ours = props(&d.join("det.onnx"));
+    let theirs: HashMap<String, String> = serde_json::from_value(fx["metadata"].clone()).unwrap();
+    let mut keys: Vec<&String> = ours.keys().collect();
+    keys.sort();
+    let mut their_keys: Vec<&String> = theirs.keys().collect();
+    their_keys.sort();
+    assert_eq!(keys, their_keys);
+    for k in keys {
+        match k.as_str() {
+            // Different writers (safetensors from PyTorch vs libtorch) give different file bytes.
+            "checkpoint.sha256" => {}
+            // Computed from scores of weights rebuilt here: equal to rounding.
+            "threshold" => {
+                let (a, b): (f64, f64) = (ours[k].parse().unwrap(), theirs[k].parse().unwrap());
+                assert!((a - b).abs() < 1e-4, "threshold {a} vs {b}");
+                assert!((b - fx["threshold_numpy"].as_f64().unwrap()).abs() < 1e-6);
+            }
+            _ => assert_eq!(ours[k], theirs[k], "{k}"),
+        }
+    }
+
+    let mut session = ort::session::Session::builder(ort_environment().unwrap())
+        .unwrap()
+        .commit_from_file(d.join("det.onnx"))
+        .unwrap();
+    let mut batch = Vec::new();
+    for name in fx["test_images"].as_array().unwrap() {
+        batch.extend(
+            RawImage::open(&fixtures.join("test").join(name.as_str().unwrap()))
+                .unwrap()
+                .into_data(),
+        );
+    }
+    let outputs = session
+        .run(ort::inputs!["image" => OrtTensor::from_array((vec![2usize, 32, 32, 3], batch)).unwrap()])
+        .unwrap();
+    let logits = outputs["logits"]
+        .try_extract_tensor::<f32>()
+        .unwrap()
+        .1
+        .to_vec();
+    let score = outputs["score"]
+        .try_extract_tensor::<f32>()
+        .unwrap()
+        .1
+        .to_vec();
+    let is_ood = outputs["is_ood"]
+        .try_extract_tensor::<bool>()
+        .unwrap()
+        .1
+        .to_vec();
+    let flat = |v: &serde_json::Value| -> Vec<f64> {
+        let mut out = Vec::new();
+        for x in v.as_array().unwrap() {
+            match x.as_array() {
+                Some(row) => out.extend(row.iter().map(|y| y.as_f64().unwrap())),
+                None => out.push(x.as_f64().unwrap()),
+            }
+        }
+        out
+    };
+    let close = |got: &[f32], want: &[f64], tol: f64, what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (f64::from(*g) - w).abs() <= tol,
+                "{what}: {got:?} vs {want:?}"
+            );
+        }
+    };
+    close(
+        &logits,
+        &flat(&fx["ort_logits"]),
+        1e-5,
+        "logits vs Python onnxruntime",
+    );
+    close(
+        &score,
+        &flat(&fx["ort_score"]),
+        1e-5,
+        "score vs Python onnxruntime",
+    );
+    close(
+        &logits,
+        &flat(&fx["torch_logits"]),
+        1e-4,
+        "logits vs PyTorch eager",
+    );
+    close(
+        &score,
+        &flat(&fx["torch_energy"]),
+        1e-4,
+        "energy vs PyTorch eager",
+    );
+    let their_ood: Vec<bool> = fx["ort_is_ood"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_bool().unwrap())
+        .collect();
+    assert_eq!(is_ood, their_ood);
 }
 
 // ---------------------------------------------------------------------------------------------------------
