@@ -1028,12 +1028,12 @@ impl Server {
         }
     }
 
-    /// Sends SIGTERM and returns the exit status and stderr.
-    fn terminate(mut self) -> (Option<i32>, String) {
+    /// Sends `signal` (TERM, INT) and returns the exit status and stderr.
+    fn stop(mut self, signal: &str) -> (Option<i32>, String) {
         let pid = self.child.id().to_string();
         assert!(
             Command::new("kill")
-                .args(["-TERM", &pid])
+                .args([&format!("-{signal}"), &pid])
                 .status()
                 .unwrap()
                 .success()
@@ -1342,11 +1342,55 @@ fn serve_scores_refuses_bad_input_batches_and_counts() {
         73.0
     );
 
-    let (code, err) = server.terminate();
+    let (code, err) = server.stop("TERM");
     assert_eq!(code, Some(0), "{err}");
     assert!(
         err.contains("SIGTERM: finishing the requests in flight"),
         "{err}"
     );
     assert!(err.contains("server stopped"), "{err}");
+}
+
+/// The request time limit answers 503 with a JSON error and the server carries on; Ctrl-C (SIGINT) stops
+/// it as cleanly as SIGTERM.
+#[test]
+fn serve_times_out_slow_requests_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    checkpoint(
+        d,
+        "det.safetensors",
+        &spec(Depth::Resnet18, Stem::Cifar, 3),
+        Pipeline::cifar_test(),
+    );
+    let out = export_cli(d, &["--checkpoint", "det.safetensors", "--out", "det.onnx"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    write_png(&d.join("x.png"), 32, 32, 9, false);
+    // 1 ms is less than any decode + session run of a ResNet-18 takes.
+    let server = Server::start(d, &["--timeout-ms", "1"]);
+    let (code, body) = post(
+        &server.url,
+        "image/png",
+        &std::fs::read(d.join("x.png")).unwrap(),
+    );
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(
+        body["error"],
+        "the request took longer than the server's limit of 1 ms"
+    );
+    assert_eq!(get(&format!("{}/healthz", server.url)).0, 200);
+    let (_, text) = get(&format!("{}/metrics", server.url));
+    assert_eq!(
+        metric(
+            &text,
+            "dream_ood_requests_total{route=\"/v1/score\",code=\"503\"}"
+        ),
+        1.0
+    );
+    let (code, err) = server.stop("INT");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("Ctrl-C: finishing the requests in flight"),
+        "{err}"
+    );
 }

@@ -292,20 +292,7 @@ async fn score_request(
     body: Body,
 ) -> std::result::Result<Vec<(serde_json::Value, Scored)>, ApiError> {
     let limit = st.cfg.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let inner = e.into_inner();
-        if inner.is::<http_body_util::LengthLimitError>() {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is larger than the server's limit of {limit} bytes"),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {inner}"),
-            )
-        }
-    })?;
+    let bytes = read_body(body, limit).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -363,6 +350,42 @@ async fn score_request(
         )),
     }
 }
+
+/// Reads a body of at most `limit` bytes. A larger one is read on and discarded up to [`DRAIN_FACTOR`] ×
+/// `limit` before the 413 goes out: a client still writing its body when the server answers and closes
+/// would otherwise get a broken pipe instead of the error (the "lingering close" web servers do).
+async fn read_body(mut body: Body, limit: usize) -> std::result::Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen = seen.saturating_add(data.len());
+        if seen <= limit {
+            buf.extend_from_slice(&data);
+        } else if seen > limit.saturating_mul(DRAIN_FACTOR) {
+            break;
+        }
+    }
+    if seen > limit {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the server's limit of {limit} bytes"),
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+/// How far past the body limit a request is still read (and discarded) so that its client sees the 413.
+const DRAIN_FACTOR: usize = 4;
 
 fn image_error(e: ImageError, label: serde_json::Value) -> ApiError {
     let status = match e {
