@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench
+.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench bench-deploy
 
 all: build
 
@@ -47,8 +47,14 @@ fixtures-venv:
 clean-deps:
 	rm -rf .deps
 
-## `make bench`: stage 1, 2 and 3 throughput against the Python references (needs `make fixtures-venv`); results go in
-## BENCHMARKS.md by hand, with the command and the machine.
+## `make bench`: stage 1, 2 and 3 throughput against the Python references, then `score` against a Pillow +
+## PyTorch scorer and `serve` under loopback load (needs `make fixtures-venv`); results go in BENCHMARKS.md by
+## hand, with the command and the machine.
 bench: build
 	.deps/venv/bin/python tools/bench_generate.py
 	.deps/venv/bin/python tools/bench_stages12.py
+	.deps/venv/bin/python tools/bench_deploy.py
+
+## `make bench-deploy`: only the `score` / `serve` part (a few minutes).
+bench-deploy: build
+	.deps/venv/bin/python tools/bench_deploy.py

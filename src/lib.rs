@@ -21,11 +21,13 @@
 //! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
 //! ResNets, checkpoints, the optimiser and training files), [`latent`] (stage 1), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
 //! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
-//! [`eval`] (exact OOD metrics), [`progress`] (progress events) and [`error`]. The README's status table says
+//! [`eval`] (exact OOD metrics), [`deploy`] (stages 6–7: export with threshold calibration, `score`, `serve`),
+//! [`progress`] (progress events) and [`error`]. The README's status table says
 //! what each stage still lacks.
 
 pub mod config;
 pub mod data;
+pub mod deploy;
 pub mod diffusion;
 pub mod error;
 pub mod eval;

@@ -84,6 +84,15 @@ enum Command {
     /// its last value.
     #[command(args_override_self = true)]
     Generate(Box<GenerateArgs>),
+    /// Export a detector checkpoint to one ONNX file (stage 6): logits, score, is_ood, with the
+    /// calibrated threshold and the evaluation transform in its metadata. Prints the file's path.
+    Export(Box<cli::export::ExportArgs>),
+    /// Score image files and folders with an exported detector: one JSONL/CSV row per image. Exits 1
+    /// when a file could not be scored (its row says why).
+    Score(Box<cli::score::ScoreArgs>),
+    /// Serve an exported detector over HTTP (POST /v1/score, GET /v1/model, /healthz, /metrics) until
+    /// SIGTERM or Ctrl-C. Prints its URL.
+    Serve(Box<cli::serve::ServeArgs>),
 }
 
 /// Flags of `generate`; each overrides the same key of the config's `[generate]` table.
@@ -337,6 +346,9 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Generate(args) => run_generate(*args),
+        Command::Export(args) => cli::export::run(*args, &cli::progress::TermProgress::new()),
+        Command::Score(args) => cli::score::run(*args, &cli::progress::TermProgress::new()),
+        Command::Serve(args) => cli::serve::run(*args),
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
             let resolved = toml::to_string(&config).context("printing the resolved config")?;

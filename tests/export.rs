@@ -3,7 +3,9 @@
 
 use dream_ood::nn::weights::named_weights;
 use dream_ood::nn::{Depth, ResNetConfig, ResNetWithHead, Stem};
-use dream_ood::onnx::export::{ClassifierExport, OPSET, Preprocess, ScoreKind, export_classifier};
+use dream_ood::onnx::export::{
+    ClassifierExport, OPSET, Preprocess, ScoreKind, Threshold, export_classifier,
+};
 use dream_ood::onnx::model::encode_model;
 use dream_ood::runtime::ort_environment;
 use ort::value::Tensor as OrtTensor;
@@ -173,7 +175,7 @@ fn scores_threshold_and_baked_preprocessing() {
             },
             head: "fc".to_owned(),
             score: kind,
-            threshold: Some(threshold),
+            threshold: Some(Threshold::Global(threshold)),
             preprocess: Some(pre),
         };
         let model = export_classifier(&spec, &weights, &[]).unwrap();

@@ -51,3 +51,7 @@ mod run;
 
 /// The shipped demo SD (`onnx/demo-sd/`): opens, CLIP anchors, 32×32 images from `generate`.
 mod demo_sd;
+
+/// Stages 6–7: checkpoint → `export` parity with libtorch for every ResNet, calibration through the graph,
+/// metadata, `score` rows against the data layer + libtorch and its error rows, `serve` over loopback HTTP.
+mod deploy;

@@ -1,6 +1,10 @@
-//! Binary-only helpers: logging setup and progress drawing. The library never sees these.
+//! Binary-only helpers: logging setup, progress drawing, and the flags of the subcommands that keep them
+//! out of main.rs. The library never sees these.
 
+pub mod export;
 pub mod latent;
 pub mod logging;
 pub mod progress;
 pub mod run;
+pub mod score;
+pub mod serve;

@@ -8,7 +8,9 @@
 //! Outputs:
 //! - `logits` `[batch, classes]`;
 //! - `score` `[batch]`, a confidence (higher = more in-distribution) by [`ScoreKind`];
-//! - `is_ood` `[batch]` (bool), `score < threshold`, when a threshold is given.
+//! - `is_ood` `[batch]` (bool), `score < threshold`, when a threshold is given: one for every image, or one
+//!   per class picked by the predicted class (`argmax(logits)`), so a score equal to the threshold is
+//!   in-distribution.
 //!
 //! With [`Preprocess`], the input is the raw image (`image`, uint8 NHWC) and the normalisation happens inside
 //! the graph; otherwise it is `input`, float32 NCHW, already normalised.
@@ -53,6 +55,15 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
+/// The decision threshold baked into the graph (`is_ood = score < threshold`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Threshold {
+    /// One threshold for every image.
+    Global(f32),
+    /// One threshold per class, chosen by the predicted class `argmax(logits)`; one value per class.
+    PerClass(Vec<f32>),
+}
+
 /// What to export.
 #[derive(Debug, Clone)]
 pub struct ClassifierExport {
@@ -61,7 +72,7 @@ pub struct ClassifierExport {
     pub head: String,
     pub score: ScoreKind,
     /// Adds `is_ood = score < threshold` when set.
-    pub threshold: Option<f32>,
+    pub threshold: Option<Threshold>,
     pub preprocess: Option<Preprocess>,
 }
 
@@ -105,9 +116,33 @@ pub fn export_classifier(
     ex.g.output("logits", ElemType::Float, &[batch(), Dim::Fixed(classes)]);
     ex.score(spec.score, &logits)?;
     ex.g.output("score", ElemType::Float, &[batch()]);
-    if let Some(threshold) = spec.threshold {
-        ex.g.initializer_f32("threshold", &[], &[threshold]);
-        ex.g.node("Less", &["score", "threshold"], &["is_ood"], vec![]);
+    match &spec.threshold {
+        None => {}
+        Some(Threshold::Global(t)) => {
+            ex.g.initializer_f32("threshold", &[], &[*t]);
+            ex.g.node("Less", &["score", "threshold"], &["is_ood"], vec![]);
+        }
+        Some(Threshold::PerClass(ts)) => {
+            if ts.len() as i64 != classes {
+                return Err(Error::Shape {
+                    what: "export: per-class thresholds".to_owned(),
+                    expected: format!("{classes} values (one per class)"),
+                    got: ts.len().to_string(),
+                });
+            }
+            ex.g.initializer_f32("class_thresholds", &[classes], ts);
+            let attrs = vec![attr_int("axis", 1), attr_int("keepdims", 0)];
+            ex.g.node("ArgMax", &["logits"], &["predicted"], attrs);
+            ex.g.node(
+                "Gather",
+                &["class_thresholds", "predicted"],
+                &["threshold"],
+                vec![attr_int("axis", 0)],
+            );
+            ex.g.node("Less", &["score", "threshold"], &["is_ood"], vec![]);
+        }
+    }
+    if spec.threshold.is_some() {
         ex.g.output("is_ood", ElemType::Bool, &[batch()]);
     }
     Ok(ex.g.into_model(OPSET, metadata))

@@ -1,0 +1,142 @@
+//! `dream-ood export`: flags → [`dream_ood::deploy::ExportJob`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use dream_ood::data::Pipeline;
+use dream_ood::deploy::{CalibrationSet, ExportJob, NetworkOverride};
+use dream_ood::diffusion::session::SessionOptions;
+use dream_ood::nn::{Depth, Stem};
+use dream_ood::onnx::export::ScoreKind;
+
+/// Flags of `export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The checkpoint (.safetensors): a dream-ood detector, or a PyTorch state_dict with --arch/--stem.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The detector file to write (written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// resnet18, resnet34 or resnet50 (only for checkpoints without dream-ood metadata; must agree
+    /// otherwise).
+    #[arg(long)]
+    arch: Option<Depth>,
+    /// cifar or imagenet (as --arch).
+    #[arg(long)]
+    stem: Option<Stem>,
+    /// Class names, one per line, in label order (overrides the checkpoint's).
+    #[arg(long, value_name = "FILE")]
+    classes: Option<PathBuf>,
+    /// Evaluation transform: cifar (ToTensor + Normalize), imagenet (Resize 256, CenterCrop 224,
+    /// Normalize) or a JSON file of a dream-ood transform pipeline (overrides the checkpoint's).
+    #[arg(long, value_name = "cifar|imagenet|FILE")]
+    transform: Option<String>,
+    /// The OOD score: energy (T·logsumexp(logits/T)), msp or maxlogit; all are confidences, higher =
+    /// more in-distribution.
+    #[arg(long, default_value = "energy", value_parser = ["energy", "msp", "maxlogit"])]
+    score: String,
+    /// Temperature T of the energy score.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Bake normalisation into the graph: its input becomes `image`, uint8 NHWC.
+    #[arg(long)]
+    preprocess: bool,
+    /// Image files or folders of a held-out ID validation split (never the test split), scored through
+    /// the exported graph to set the threshold.
+    #[arg(long, num_args = 1.., value_name = "PATH", conflicts_with = "calibration_scores")]
+    calibration: Vec<PathBuf>,
+    /// Precomputed ID scores of the same score (.npy or text, one per line) instead of images.
+    #[arg(long, value_name = "FILE")]
+    calibration_scores: Option<PathBuf>,
+    /// Target in-distribution TPR of the threshold.
+    #[arg(long, default_value_t = 0.95)]
+    tpr: f64,
+    /// One threshold per predicted class (needs --calibration images).
+    #[arg(long)]
+    per_class_thresholds: bool,
+    /// Images per ONNX Runtime run while calibrating.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// ONNX Runtime intra-op threads (0: ONNX Runtime's choice).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+fn transform(spec: &str) -> anyhow::Result<Pipeline> {
+    Ok(match spec {
+        "cifar" => Pipeline::cifar_test(),
+        "imagenet" => Pipeline::imagenet_test(256, 224),
+        path => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--transform: reading {path}"))?;
+            let p: Pipeline = serde_json::from_str(&text).with_context(|| {
+                format!("--transform: {path} is not a transform pipeline (JSON)")
+            })?;
+            p.validate()
+                .with_context(|| format!("--transform: {path}"))?;
+            p
+        }
+    })
+}
+
+fn classes(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--classes: reading {}", path.display()))?;
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(
+        !names.is_empty(),
+        "--classes: {} has no class names",
+        path.display()
+    );
+    Ok(names)
+}
+
+/// Runs `export`; prints the written file's path on stdout.
+pub fn run(
+    args: ExportArgs,
+    progress: &dyn dream_ood::progress::Progress,
+) -> anyhow::Result<ExitCode> {
+    let score = match args.score.as_str() {
+        "energy" => ScoreKind::Energy {
+            temperature: args.temperature,
+        },
+        "msp" => ScoreKind::Msp,
+        _ => ScoreKind::MaxLogit,
+    };
+    let calibration = match (args.calibration.is_empty(), args.calibration_scores) {
+        (false, _) => CalibrationSet::Images(args.calibration),
+        (true, Some(f)) => CalibrationSet::Scores(f),
+        (true, None) => CalibrationSet::None,
+    };
+    anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    let job = ExportJob {
+        checkpoint: args.checkpoint,
+        out: args.out,
+        network: NetworkOverride {
+            depth: args.arch,
+            stem: args.stem,
+            classes: args.classes.as_ref().map(classes).transpose()?,
+            eval_transform: args.transform.as_deref().map(transform).transpose()?,
+        },
+        score,
+        preprocess: args.preprocess,
+        calibration,
+        target_tpr: args.tpr,
+        per_class: args.per_class_thresholds,
+        batch: args.batch,
+        session: SessionOptions {
+            intra_threads: args.threads,
+            ..Default::default()
+        },
+    };
+    let report = dream_ood::deploy::export(&job, progress)?;
+    crate::print_stdout(&format!("{}\n", report.out.display()))?;
+    Ok(ExitCode::SUCCESS)
+}
