@@ -333,8 +333,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             convention,
             json,
         } => {
-            let id = dream_ood::eval::scores::read_scores(&id)?;
-            let ood = dream_ood::eval::scores::read_scores(&ood)?;
+            let id = dream_ood::eval::score_file::read_scores(&id)?;
+            let ood = dream_ood::eval::score_file::read_scores(&ood)?;
             let metrics = dream_ood::eval::metrics::compute(&id, &ood, convention)?;
             let text = if json {
                 serde_json::to_string_pretty(&metrics)? + "\n"

@@ -38,3 +38,7 @@ mod sampling;
 /// `src/data/`: transforms against torchvision with its draws replayed, every source format through the
 /// loader, corrupt files skipped or failing.
 mod data;
+
+/// `src/eval/`: every OOD score against numpy / scikit-learn / PyTorch, score invariants, and
+/// `dream-ood eval` end to end (files, shapes, metrics recomputed from the saved scores, errors).
+mod eval;

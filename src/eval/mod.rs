@@ -2,7 +2,7 @@
 //! out-of-distribution (OOD) inputs.
 //!
 //! Today this is the metrics layer only (`dream-ood metrics`): it reads two files of confidence scores, where
-//! higher means more in-distribution ([`scores`]), and computes AUROC, AUPR-In, AUPR-Out ([`metrics`]) and
+//! higher means more in-distribution ([`score_file`]), and computes AUROC, AUPR-In, AUPR-Out ([`metrics`]) and
 //! FPR at 95% TPR under the rule of a named codebase ([`fpr`]). Every number is exact with ties and equals
 //! scikit-learn's (or the named codebase's) value in f64; `tests/fixtures/metrics/` holds the references,
 //! made by `tools/make_metric_fixtures.py`. Scoring a trained detector on image folders (`dream-ood eval`)
@@ -13,4 +13,5 @@
 
 pub mod fpr;
 pub mod metrics;
+pub mod score_file;
 pub mod scores;
