@@ -63,14 +63,14 @@ mod tests {
     fn hand_worked_values() {
         let z = Tensor::from_slice(&[0.0f32, 0.0, (2.0f32).ln(), 1.0, 1.0, 1.0]).view([2, 3]);
         let m = msp(&z).unwrap();
-        assert!((m[0] - 0.5).abs() < 1e-12 && (m[1] - 1.0 / 3.0).abs() < 1e-12);
+        assert!((m[0] - 0.5).abs() < 1e-7 && (m[1] - 1.0 / 3.0).abs() < 1e-12);
         let l = max_logit(&z).unwrap();
         assert!((l[0] - f64::from((2.0f32).ln())).abs() < 1e-12 && l[1] == 1.0);
         let e = energy(&z, 1.0).unwrap();
         assert!((e[1] - (1.0 + 3f64.ln())).abs() < 1e-12);
         // T = 2: 2·logsumexp(z/2) for equal logits is 1 + 2·ln 3.
         assert!((energy(&z, 2.0).unwrap()[1] - (1.0 + 2.0 * 3f64.ln())).abs() < 1e-12);
-        assert!((msp_at_temperature(&z, 1.0).unwrap()[0] - 0.5).abs() < 1e-12);
+        assert!((msp_at_temperature(&z, 1.0).unwrap()[0] - 0.5).abs() < 1e-7);
     }
 
     #[test]
