@@ -35,6 +35,8 @@ pub struct Config {
     pub generate: GenerateConfig,
     /// The ID and OOD datasets and their transforms, shared by stages 1, 4, evaluation and export.
     pub data: DataConfig,
+    /// Evaluation: scores, OOD protocol, metric convention (`dream-ood eval`).
+    pub eval: crate::eval::config::EvalConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -507,6 +509,11 @@ impl Config {
             config.run.out_dir = base.join(&config.run.out_dir);
         }
         config.data.resolve(base);
+        if let Some(p) = &mut config.eval.out
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
         let sample = &mut config.sample;
         for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
             .into_iter()
@@ -540,6 +547,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.data.check() {
             return Err(bad(&format!("data.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.eval.check() {
+            return Err(bad(&format!("eval.{field}"), msg));
         }
         Ok(())
     }

@@ -74,6 +74,13 @@ enum Command {
     /// its last value.
     #[command(args_override_self = true)]
     Generate(Box<GenerateArgs>),
+    /// Evaluate detectors: OOD scores on the ID test set and each OOD set of the config, metrics per set
+    /// and their mean (stage 5).
+    ///
+    /// Writes OUT/metrics.json, OUT/metrics.csv, OUT/report.md, per-image scores
+    /// OUT/scores/<method>/<score>/<set>.npy (ID test: id_test.npy) and PNG plots OUT/plots/<method>/.
+    /// Prints OUT.
+    Eval(cli::eval::EvalArgs),
 }
 
 /// Flags of `generate`; each overrides the same key of the config's `[generate]` table.
@@ -320,6 +327,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Generate(args) => run_generate(*args),
+        Command::Eval(args) => cli::eval::run_eval(args),
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
             let resolved = toml::to_string(&config).context("printing the resolved config")?;

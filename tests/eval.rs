@@ -242,3 +242,325 @@ fn mahalanobis_is_shift_invariant() {
     let at_means = m.score(&m.means().to_kind(Kind::Float)).unwrap();
     assert!(at_means.iter().all(|s| s.abs() < 1e-4), "{at_means:?}");
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// `dream-ood eval` end to end.
+
+use std::path::Path;
+
+use crate::common::{run_clean, stderr, stdout};
+use dream_ood::data::Pipeline;
+use dream_ood::eval::fpr::Convention;
+use dream_ood::eval::metrics;
+use dream_ood::eval::score_file::read_scores;
+use dream_ood::nn::{CheckpointInfo, NetworkSpec, checkpoint};
+
+/// Image side of the tiny datasets (the CIFAR-stem ResNet takes any size; 16 px keeps the test fast).
+const SIDE: u32 = 16;
+
+/// Writes an ImageFolder: `per_class` PNGs in each of `classes` folders, pixels from a formula of
+/// (class, image, position) with `style` changing the look of the whole set.
+fn image_folder(root: &Path, classes: usize, per_class: usize, style: u32) {
+    for c in 0..classes {
+        let dir = root.join(format!("class{c}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for k in 0..per_class {
+            let img = image::RgbImage::from_fn(SIDE, SIDE, |x, y| {
+                let v = |ch: u32| {
+                    let t = (x * (c as u32 + 1 + ch) + y * (k as u32 + 2) + ch * 31 + style * 57)
+                        as f64;
+                    ((t * 0.37 + style as f64).sin() * 110.0 + 128.0 + 40.0 * c as f64
+                        - 30.0 * ch as f64)
+                        .clamp(0.0, 255.0) as u8
+                };
+                image::Rgb([v(0), v(1), v(2)])
+            });
+            img.save(dir.join(format!("{k:03}.png"))).unwrap();
+        }
+    }
+}
+
+/// A 3-class ResNet-18 detector checkpoint (formula-filled, head scaled so logits are O(1..10)).
+fn tiny_checkpoint(path: &Path, method: &str) {
+    let (vs, _net) = filled_resnet18(3);
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.starts_with("fc.") {
+                t.copy_(&(&t * 1e-4));
+            }
+        }
+    });
+    let spec = NetworkSpec {
+        depth: Depth::Resnet18,
+        stem: Stem::Cifar,
+        in_channels: 3,
+        head: "fc".into(),
+        out_dim: 3,
+    };
+    let mut info = CheckpointInfo::new(
+        "detector",
+        spec,
+        vec!["a".into(), "b".into(), "c".into()],
+        Pipeline::cifar_test(),
+    );
+    info.extra.insert("method".into(), method.into());
+    checkpoint::save(path, &vs, &info).unwrap();
+}
+
+/// A run folder with data, a checkpoint at `<out_dir>/train/model.safetensors` and a config whose
+/// `[eval]` table is `eval` (plus `extra` appended).
+fn setup(eval: &str, extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    image_folder(&d.join("id_train"), 3, 8, 0);
+    image_folder(&d.join("id_test"), 3, 5, 0);
+    image_folder(&d.join("noise"), 1, 8, 3);
+    image_folder(&d.join("waves"), 2, 4, 7);
+    std::fs::create_dir_all(d.join("run/train")).unwrap();
+    tiny_checkpoint(&d.join("run/train/model.safetensors"), "tiny");
+    let config = format!(
+        "[run]\nout_dir = \"run\"\ndevice = \"cpu\"\nthreads = 1\nseed = 3\n\n\
+         [data]\nsize = 16\ntrain = {{ format = \"folder\", path = \"id_train\" }}\n\
+         test = {{ format = \"folder\", path = \"id_test\" }}\n\
+         ood.noise = {{ format = \"folder\", path = \"noise\" }}\n\
+         ood.waves = {{ format = \"folder\", path = \"waves\" }}\n\n[eval]\n{eval}\n{extra}"
+    );
+    std::fs::write(d.join("config.toml"), config).unwrap();
+    dir
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn eval_writes_every_file_and_its_metrics_are_those_of_its_saved_scores() {
+    let dir = setup("knn_k = 3\nvim_dim = 8\nbatch_size = 7\n", "");
+    let d = dir.path();
+    let out = run_clean(d, &["eval", "config.toml"], &[]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let out_dir = d.join("run/eval");
+    assert_eq!(stdout(&out).trim(), out_dir.display().to_string());
+
+    let json = read_json(&out_dir.join("metrics.json"));
+    assert_eq!(json["protocol"], "paper");
+    assert_eq!(json["id_test"]["used"], 15);
+    // Paper protocol: floor(15 / 5) = 3 images of each OOD set (of 8), a seeded subset.
+    for set in json["ood_sets"].as_array().unwrap() {
+        assert_eq!(set["available"], 8);
+        assert_eq!(set["used"], 3);
+    }
+    assert_eq!(json["fit"]["used"], 24);
+    let methods = json["methods"].as_array().unwrap();
+    assert_eq!(methods.len(), 1);
+    let m = &methods[0];
+    assert_eq!(m["name"], "tiny");
+    let acc = m["id_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert_eq!(m["fitted"]["vim_dim"], 8);
+    let scores = m["scores"].as_array().unwrap();
+    assert_eq!(scores.len(), 8, "every score by default");
+
+    let convention: Convention =
+        serde_json::from_value(json["settings"]["convention"].clone()).unwrap();
+    for s in scores {
+        let name = s["score"].as_str().unwrap();
+        let sdir = out_dir.join("scores/tiny").join(name);
+        let id = read_scores(&sdir.join("id_test.npy")).unwrap();
+        assert_eq!(id.len(), 15, "{name}");
+        let mut fprs = vec![];
+        for set in ["noise", "waves"] {
+            let ood = read_scores(&sdir.join(format!("{set}.npy"))).unwrap();
+            assert_eq!(ood.len(), 3, "{name}/{set}");
+            let want = metrics::compute(&id, &ood, convention).unwrap();
+            let got = &s["sets"][set];
+            for (key, v) in [
+                ("auroc", want.auroc),
+                ("fpr95", want.fpr95),
+                ("aupr_in", want.aupr_in),
+                ("aupr_out", want.aupr_out),
+            ] {
+                assert_eq!(got[key].as_f64().unwrap(), v, "{name}/{set}/{key}");
+            }
+            fprs.push(want.fpr95);
+        }
+        let mean = s["mean"]["fpr95"].as_f64().unwrap();
+        assert!(
+            (mean - (fprs[0] + fprs[1]) / 2.0).abs() < 1e-15,
+            "{name} mean"
+        );
+        for kind in ["hist", "roc"] {
+            let png = out_dir.join(format!("plots/tiny/{name}_{kind}.png"));
+            let img = image::open(&png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+            assert!(img.width() > 300 && img.height() > 200);
+        }
+    }
+
+    // The CSV: a header, then per score one row per set and a mean row.
+    let csv = std::fs::read_to_string(out_dir.join("metrics.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 1 + 8 * 3);
+    assert!(lines[0].starts_with("method,score,ood_set,n_id,n_ood,fpr95,auroc"));
+    let energy_noise = lines
+        .iter()
+        .find(|l| l.starts_with("tiny,energy,noise,"))
+        .unwrap();
+    let fields: Vec<&str> = energy_noise.split(',').collect();
+    let auroc: f64 = fields[6].parse().unwrap();
+    let want = scores.iter().find(|s| s["score"] == "energy").unwrap()["sets"]["noise"]["auroc"]
+        .as_f64()
+        .unwrap();
+    assert_eq!(auroc, want);
+    assert!(lines.iter().any(|l| l.starts_with("tiny,vim,mean,15,,")));
+
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    for needle in [
+        "OOD protocol: **paper**",
+        "ID accuracy",
+        "`hendrycks` rule",
+        "fitted on ID training images",
+        "| knn |",
+        "ViM dim 8",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+    }
+}
+
+#[test]
+fn eval_full_protocol_with_named_checkpoints_and_a_score_list() {
+    let dir = setup("knn_k = 2\nprotocol = \"full\"\nplots = false\n", "");
+    let d = dir.path();
+    let ckpt = d.join("run/train/model.safetensors");
+    let a = format!("first={}", ckpt.display());
+    let b = format!("second={}", ckpt.display());
+    let out = run_clean(
+        d,
+        &[
+            "eval",
+            "config.toml",
+            "--checkpoint",
+            &a,
+            "--checkpoint",
+            &b,
+            "--scores",
+            "energy,knn",
+            "--out",
+            "elsewhere",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let out_dir = d.join("elsewhere");
+    let json = read_json(&out_dir.join("metrics.json"));
+    assert_eq!(json["protocol"], "full");
+    let names: Vec<&str> = json["methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    for method in names {
+        let scores: Vec<&str> = json["methods"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == method)
+            .unwrap()["scores"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["score"].as_str().unwrap())
+            .collect();
+        assert_eq!(scores, ["energy", "knn"]);
+    }
+    // Full protocol: every OOD image is scored; the same checkpoint gives the same scores twice.
+    let first = read_scores(&out_dir.join("scores/first/knn/waves.npy")).unwrap();
+    assert_eq!(first.len(), 8);
+    assert_eq!(
+        first,
+        read_scores(&out_dir.join("scores/second/knn/waves.npy")).unwrap()
+    );
+    assert!(!out_dir.join("plots").exists(), "plots = false writes none");
+    assert!(
+        std::fs::read_to_string(out_dir.join("report.md"))
+            .unwrap()
+            .contains("**full**")
+    );
+}
+
+fn eval_error(eval: &str, extra: &str, args: &[&str]) -> String {
+    let dir = setup(eval, extra);
+    let mut all = vec!["eval", "config.toml"];
+    all.extend_from_slice(args);
+    let out = run_clean(dir.path(), &all, &[]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected exit 2; stderr: {}",
+        stderr(&out)
+    );
+    stderr(&out)
+}
+
+#[test]
+fn eval_errors_name_the_key_or_file() {
+    let err = eval_error("knn = 5\n", "", &[]);
+    assert!(
+        err.contains("eval.knn: unknown key; did you mean `knn_k`?"),
+        "{err}"
+    );
+
+    let err = eval_error("scores = [\"energy\", \"mahalanobis2\"]\n", "", &[]);
+    assert!(
+        err.contains("eval.scores") && err.contains("unknown variant `mahalanobis2`"),
+        "{err}"
+    );
+
+    let err = eval_error("", "", &["--scores", "energy,msq"]);
+    assert!(
+        err.contains("--scores: unknown score \"msq\"; expected one of msp, max_logit"),
+        "{err}"
+    );
+
+    let err = eval_error("knn_k = 50\n", "", &["--scores", "knn"]);
+    assert!(
+        err.contains("eval.knn_k: k = 50 but the fit set has 24 ID training features"),
+        "{err}"
+    );
+
+    let err = eval_error("", "", &["--checkpoint", "gone.safetensors"]);
+    assert!(err.contains("gone.safetensors"), "{err}");
+
+    // A config without OOD sets.
+    let dir = setup("", "");
+    let text = std::fs::read_to_string(dir.path().join("config.toml")).unwrap();
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("ood."))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(dir.path().join("config.toml"), text).unwrap();
+    let out = run_clean(
+        dir.path(),
+        &["eval", "config.toml", "--scores", "energy"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("data.ood: no OOD set"),
+        "{}",
+        stderr(&out)
+    );
+
+    // An OOD set whose folder is missing.
+    let dir = setup("", "");
+    std::fs::remove_dir_all(dir.path().join("waves")).unwrap();
+    let out = run_clean(
+        dir.path(),
+        &["eval", "config.toml", "--scores", "energy"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("waves"), "{}", stderr(&out));
+}

@@ -1,4 +1,5 @@
 //! Binary-only helpers: logging setup and progress drawing. The library never sees these.
 
+pub mod eval;
 pub mod logging;
 pub mod progress;

@@ -11,7 +11,12 @@
 //! Reference: the paper reports FPR95 / AUROC / AUPR as computed by `utils/display_results.py` of the official
 //! code (Hendrycks' OE code; SPEC §5.2), with ID as the positive class.
 
+pub mod collect;
+pub mod config;
+pub mod evaluate;
 pub mod fpr;
 pub mod metrics;
+pub mod plots;
+pub mod report;
 pub mod score_file;
 pub mod scores;

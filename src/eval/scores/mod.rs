@@ -146,6 +146,7 @@ impl Head {
         check_2d(features, "features", Some(self.feature_dim()))?;
         features
             .f_to_kind(Kind::Double)
+            .and_then(|f| f.f_to_device(self.weight.device()))
             .and_then(|f| f.f_matmul(&self.weight.tr()))
             .and_then(|l| l.f_add(&self.bias))
             .map_err(|e| Error::torch("head logits", e))
