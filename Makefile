@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps bench
+.PHONY: all bootstrap doctor test lint build build-gpu fixtures-venv clean-deps bench bench-eval
 
 all: build
 
@@ -45,5 +45,10 @@ clean-deps:
 
 ## `make bench`: stage-3 throughput against the Python pipelines (needs `make fixtures-venv`); results go in
 ## BENCHMARKS.md by hand, with the command and the machine.
-bench: build
+bench: build bench-eval
 	.deps/venv/bin/python tools/bench_generate.py
+
+## `make bench-eval`: evaluation (collect pass, KNN / Mahalanobis / ViM) against PyTorch / numpy reference code.
+bench-eval: build
+	$(CARGO) build --release --examples
+	.deps/venv/bin/python tools/bench_eval.py

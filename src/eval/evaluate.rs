@@ -436,6 +436,17 @@ fn evaluate_checkpoint(
             ),
         });
     }
+    if info.eval_transform.channels as i64 != info.network.in_channels {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            line: None,
+            msg: format!(
+                "the evaluation transform makes {}-channel images but the network takes {}; the checkpoint \
+                 is inconsistent",
+                info.eval_transform.channels, info.network.in_channels
+            ),
+        });
+    }
     let mut vs = nn::VarStore::new(job.device);
     let net = info.network.build(&vs.root());
     checkpoint::load_into(path, &mut vs)?;

@@ -139,12 +139,12 @@ impl EvalReport {
                     );
                 }
                 let x = &s.mean;
+                let n_id = s.sets.values().next().map_or(0, |x| x.n_id);
                 let _ = writeln!(
                     out,
-                    "{},{},mean,{},,{},{},{},{},{},{},{convention}",
+                    "{},{},mean,{n_id},,{},{},{},{},{},{},{convention}",
                     m.name,
                     s.score,
-                    self.id_test.used,
                     x.fpr95,
                     x.auroc,
                     x.aupr_in,
