@@ -564,3 +564,85 @@ fn eval_errors_name_the_key_or_file() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("waves"), "{}", stderr(&out));
 }
+
+/// The paper protocol's OOD subsets and the fit subset come from `run.seed`: the same seed gives the same
+/// files, another seed other subsets.
+#[test]
+fn eval_subsets_follow_the_run_seed() {
+    let dir = setup("", "");
+    let d = dir.path();
+    let run = |out: &str| {
+        let o = run_clean(
+            d,
+            &["eval", "config.toml", "--scores", "energy", "--out", out],
+            &[],
+        );
+        assert!(o.status.success(), "stderr: {}", stderr(&o));
+    };
+    run("a");
+    run("b");
+    let scores = |out: &str, set: &str| {
+        read_scores(&d.join(out).join(format!("scores/tiny/energy/{set}.npy"))).unwrap()
+    };
+    for set in ["noise", "waves"] {
+        assert_eq!(
+            scores("a", set),
+            scores("b", set),
+            "{set}: same seed, same subset"
+        );
+    }
+    let text = std::fs::read_to_string(d.join("config.toml")).unwrap();
+    std::fs::write(d.join("config.toml"), text.replace("seed = 3", "seed = 11")).unwrap();
+    run("c");
+    assert!(
+        ["noise", "waves"]
+            .iter()
+            .any(|set| scores("a", set) != scores("c", set)),
+        "another seed draws other OOD subsets"
+    );
+    let json = read_json(&d.join("c/metrics.json"));
+    assert_eq!(json["seed"], 11);
+    assert!(json["ood_sets"][0]["subset_seed"].is_u64());
+}
+
+/// A stage-1 checkpoint (head `trans`, no class logits) is refused with the file and the reason.
+#[test]
+fn eval_refuses_a_checkpoint_without_a_classifier_head() {
+    let dir = setup("", "");
+    let d = dir.path();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let spec = NetworkSpec {
+        depth: Depth::Resnet18,
+        stem: Stem::Cifar,
+        in_channels: 3,
+        head: "trans".into(),
+        out_dim: 8,
+    };
+    let _net = spec.build(&vs.root());
+    // Deterministic file contents (the values do not matter: the head is refused before loading).
+    tch::no_grad(|| {
+        vs.variables()
+            .into_values()
+            .for_each(|mut t| drop(t.zero_()))
+    });
+    let info = CheckpointInfo::new("latent", spec, vec![], Pipeline::cifar_test());
+    checkpoint::save(&d.join("latent.safetensors"), &vs, &info).unwrap();
+    let out = run_clean(
+        d,
+        &[
+            "eval",
+            "config.toml",
+            "--scores",
+            "energy",
+            "--checkpoint",
+            "latent.safetensors",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(
+        err.contains("latent.safetensors") && err.contains("head `trans`"),
+        "{err}"
+    );
+}
