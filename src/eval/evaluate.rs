@@ -31,7 +31,7 @@ use crate::config::{Config, DataConfig};
 use crate::data::source::{Limit, View};
 use crate::data::{DataSource, Dataset, OnError};
 use crate::files::write_atomic;
-use crate::nn::checkpoint;
+use crate::nn::{CheckpointInfo, ResNetWithHead, checkpoint};
 use crate::progress::Progress;
 use crate::{Error, Result};
 
@@ -357,9 +357,7 @@ pub fn run(job: &EvalJob, progress: &dyn Progress) -> Result<EvalReport> {
             job,
             name.as_deref(),
             path,
-            &test,
-            fit.as_ref(),
-            &oods,
+            (&test, fit.as_ref(), &oods),
             progress,
         )?;
         if methods.iter().any(|m| m.name == method.name) {
@@ -401,60 +399,73 @@ pub fn run(job: &EvalJob, progress: &dyn Progress) -> Result<EvalReport> {
     Ok(report)
 }
 
-fn evaluate_checkpoint(
+/// The method's name: the one given, else the checkpoint's `method`, else its file stem.
+fn method_name(name: Option<&str>, info: &CheckpointInfo, path: &Path) -> String {
+    if let Some(n) = name {
+        return n.to_owned();
+    }
+    info.extra
+        .get("method")
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        })
+}
+
+/// Reads a checkpoint's info, checks that it is a usable classifier, and loads its network on the device.
+fn load_network(
     job: &EvalJob,
-    name: Option<&str>,
     path: &Path,
-    test: &OpenSet,
-    fit: Option<&OpenSet>,
-    oods: &[OpenSet],
-    progress: &dyn Progress,
-) -> Result<MethodReport> {
-    let settings = &job.settings;
+) -> Result<(CheckpointInfo, nn::VarStore, ResNetWithHead)> {
     let info = checkpoint::read_info(path)?;
-    let name = match name {
-        Some(n) => n.to_owned(),
-        None => info
-            .extra
-            .get("method")
-            .and_then(|m| m.as_str())
-            .map(str::to_owned)
-            .unwrap_or_else(|| {
-                path.file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "model".into())
-            }),
+    let bad = |msg: String| Error::Data {
+        path: path.to_path_buf(),
+        line: None,
+        msg,
     };
-    check_name("--checkpoint", &name)?;
     if info.network.head != "fc" {
-        return Err(Error::Data {
-            path: path.to_path_buf(),
-            line: None,
-            msg: format!(
-                "a {} checkpoint with head `{}`; eval needs a classifier (head `fc`, a stage-4 detector)",
-                info.stage, info.network.head
-            ),
-        });
+        return Err(bad(format!(
+            "a {} checkpoint with head `{}`; eval needs a classifier (head `fc`, a stage-4 detector)",
+            info.stage, info.network.head
+        )));
     }
     if info.eval_transform.channels as i64 != info.network.in_channels {
-        return Err(Error::Data {
-            path: path.to_path_buf(),
-            line: None,
-            msg: format!(
-                "the evaluation transform makes {}-channel images but the network takes {}; the checkpoint \
-                 is inconsistent",
-                info.eval_transform.channels, info.network.in_channels
-            ),
-        });
+        return Err(bad(format!(
+            "the evaluation transform makes {}-channel images but the network takes {}; the checkpoint is \
+             inconsistent",
+            info.eval_transform.channels, info.network.in_channels
+        )));
     }
     let mut vs = nn::VarStore::new(job.device);
     let net = info.network.build(&vs.root());
     checkpoint::load_into(path, &mut vs)?;
     vs.freeze();
-    let classes = info.network.out_dim;
-    let pipeline = &info.eval_transform;
-    tracing::info!(method = name.as_str(), checkpoint = %path.display(), classes, "evaluating");
+    Ok((info, vs, net))
+}
 
+/// What one network produced on every set.
+struct Passes {
+    fit: Option<Collected>,
+    id: Collected,
+    oods: BTreeMap<String, Collected>,
+}
+
+/// Runs the network over the fit subset, the ID test set and each OOD set (with the ODIN pass on the
+/// scored sets when ODIN is asked for), with the checkpoint's evaluation transform.
+fn collect_passes(
+    job: &EvalJob,
+    method: &str,
+    net: &ResNetWithHead,
+    info: &CheckpointInfo,
+    sets: (&OpenSet, Option<&OpenSet>, &[OpenSet]),
+    progress: &dyn Progress,
+) -> Result<Passes> {
+    let (test, fit, oods) = sets;
+    let settings = &job.settings;
+    let pipeline = &info.eval_transform;
     let odin = settings
         .scores
         .contains(&ScoreKind::Odin)
@@ -467,121 +478,123 @@ fn evaluate_checkpoint(
                 .map(|n| n.std.clone())
                 .unwrap_or_else(|| vec![1.0; pipeline.channels]),
         });
-    let opts = |set: &OpenSet, odin: Option<OdinPass>| CollectOptions {
-        batch_size: settings.batch_size,
-        threads: job.threads,
-        device: job.device,
-        on_error: set.on_error,
-        odin,
+    let run = |set: &OpenSet, odin: Option<OdinPass>| {
+        let opts = CollectOptions {
+            batch_size: settings.batch_size,
+            threads: job.threads,
+            device: job.device,
+            on_error: set.on_error,
+            odin,
+        };
+        let stage = format!("eval {method} {}", set.info.name);
+        collect(net, set.data.clone(), pipeline, &opts, progress, &stage)
     };
-    let fit_pass = match fit {
-        Some(f) => Some(collect(
-            &net,
-            f.data.clone(),
-            pipeline,
-            &opts(f, None),
-            progress,
-            &format!("eval {name} fit"),
-        )?),
-        None => None,
-    };
-    let id = collect(
-        &net,
-        test.data.clone(),
-        pipeline,
-        &opts(test, odin.clone()),
-        progress,
-        &format!("eval {name} {ID_TEST}"),
-    )?;
-    for (key, set) in [("data.test", Some(&id)), ("data.train", fit_pass.as_ref())] {
-        if let Some(set) = set {
-            let max = i64::try_from(set.labels.max()).unwrap_or(-1);
-            if max >= classes {
-                return Err(invalid(
-                    key,
-                    format!(
-                        "has label {max} but the checkpoint {} has {classes} classes",
-                        path.display()
-                    ),
-                ));
-            }
+    let fit = fit.map(|f| run(f, None)).transpose()?;
+    let id = run(test, odin.clone())?;
+    let classes = info.network.out_dim;
+    for (key, set) in [("data.test", Some(&id)), ("data.train", fit.as_ref())] {
+        let max = set.map_or(-1, |s| i64::try_from(s.labels.max()).unwrap_or(-1));
+        if max >= classes {
+            return Err(invalid(
+                key,
+                format!("has label {max} but the checkpoint has {classes} classes"),
+            ));
         }
     }
     let mut ood_passes = BTreeMap::new();
     for set in oods {
-        let pass = collect(
-            &net,
-            set.data.clone(),
-            pipeline,
-            &opts(set, odin.clone()),
-            progress,
-            &format!("eval {name} {}", set.info.name),
-        )?;
-        ood_passes.insert(set.info.name.clone(), pass);
+        ood_passes.insert(set.info.name.clone(), run(set, odin.clone())?);
     }
+    Ok(Passes {
+        fit,
+        id,
+        oods: ood_passes,
+    })
+}
 
+/// Scores every set with one score, writes the `.npy` files (and plots), and computes the metrics.
+fn score_one(
+    job: &EvalJob,
+    method: &str,
+    kind: ScoreKind,
+    scorer: &Scorer,
+    passes: &Passes,
+) -> Result<ScoreResult> {
+    let settings = &job.settings;
+    let dir = job.out_dir.join("scores").join(method).join(kind.name());
+    create_dir(&dir)?;
+    let id_scores = scorer.score(kind, &passes.id, settings)?;
+    write_scores_npy(&dir.join(format!("{ID_TEST}.npy")), &id_scores)?;
+    let mut sets = BTreeMap::new();
+    let mut ood_scores = Vec::new();
+    for (set_name, pass) in &passes.oods {
+        let s = scorer.score(kind, pass, settings)?;
+        write_scores_npy(&dir.join(format!("{set_name}.npy")), &s)?;
+        let m: Metrics = metrics::compute(&id_scores, &s, settings.convention)?;
+        sets.insert(set_name.clone(), m);
+        ood_scores.push((set_name.clone(), s));
+    }
+    let mean = MeanMetrics::of(sets.values());
+    tracing::info!(
+        method,
+        score = kind.name(),
+        fpr95 = format!("{:.4}", mean.fpr95),
+        auroc = format!("{:.4}", mean.auroc),
+        "mean over OOD sets"
+    );
+    if settings.plots {
+        let plot_dir = job.out_dir.join("plots").join(method);
+        create_dir(&plot_dir)?;
+        let title = format!("{method} / {kind}");
+        let hist = plot_dir.join(format!("{kind}_hist.png"));
+        plots::histograms(&hist, &title, &id_scores, &ood_scores)?;
+        let roc = plot_dir.join(format!("{kind}_roc.png"));
+        plots::roc_curves(&roc, &title, &id_scores, &ood_scores)?;
+    }
+    Ok(ScoreResult {
+        score: kind,
+        sets,
+        mean,
+    })
+}
+
+/// Evaluates one checkpoint: load, collect, fit, score, write.
+fn evaluate_checkpoint(
+    job: &EvalJob,
+    name: Option<&str>,
+    path: &Path,
+    sets: (&OpenSet, Option<&OpenSet>, &[OpenSet]),
+    progress: &dyn Progress,
+) -> Result<MethodReport> {
+    let (info, _vs, net) = load_network(job, path)?;
+    let name = method_name(name, &info, path);
+    check_name("--checkpoint", &name)?;
+    let classes = info.network.out_dim;
+    tracing::info!(method = name.as_str(), checkpoint = %path.display(), classes, "evaluating");
+    let passes = collect_passes(job, &name, &net, &info, sets, progress)?;
     let bias = net
         .head
         .bs
         .as_ref()
         .ok_or_else(|| invalid("checkpoint", "the head has no bias".into()))?;
+    let head = Head::new(&net.head.ws, bias)?;
     let (scorer, fitted) = Scorer::fit(
-        settings,
-        Head::new(&net.head.ws, bias)?,
-        fit_pass.as_ref(),
+        &job.settings,
+        head,
+        passes.fit.as_ref(),
         classes,
         job.device,
     )?;
-    let mut scores = Vec::new();
-    for &kind in &settings.scores {
-        let dir = job.out_dir.join("scores").join(&name).join(kind.name());
-        create_dir(&dir)?;
-        let id_scores = scorer.score(kind, &id, settings)?;
-        write_scores_npy(&dir.join(format!("{ID_TEST}.npy")), &id_scores)?;
-        let mut sets = BTreeMap::new();
-        let mut ood_scores = Vec::new();
-        for (set_name, pass) in &ood_passes {
-            let s = scorer.score(kind, pass, settings)?;
-            write_scores_npy(&dir.join(format!("{set_name}.npy")), &s)?;
-            let m: Metrics = metrics::compute(&id_scores, &s, settings.convention)?;
-            sets.insert(set_name.clone(), m);
-            ood_scores.push((set_name.clone(), s));
-        }
-        let mean = MeanMetrics::of(sets.values());
-        tracing::info!(
-            method = name.as_str(),
-            score = kind.name(),
-            fpr95 = format!("{:.4}", mean.fpr95),
-            auroc = format!("{:.4}", mean.auroc),
-            "mean over OOD sets"
-        );
-        if settings.plots {
-            let plot_dir = job.out_dir.join("plots").join(&name);
-            create_dir(&plot_dir)?;
-            let title = format!("{name} / {kind}");
-            plots::histograms(
-                &plot_dir.join(format!("{kind}_hist.png")),
-                &title,
-                &id_scores,
-                &ood_scores,
-            )?;
-            plots::roc_curves(
-                &plot_dir.join(format!("{kind}_roc.png")),
-                &title,
-                &id_scores,
-                &ood_scores,
-            )?;
-        }
-        scores.push(ScoreResult {
-            score: kind,
-            sets,
-            mean,
-        });
-    }
+    let scores = job
+        .settings
+        .scores
+        .iter()
+        .map(|&kind| score_one(job, &name, kind, &scorer, &passes))
+        .collect::<Result<Vec<_>>>()?;
     Ok(MethodReport {
         name,
         checkpoint: path.to_path_buf(),
-        id_accuracy: accuracy(&id),
+        id_accuracy: accuracy(&passes.id),
         feature_dim: net.encoder.feature_dim(),
         num_classes: classes,
         fitted,
