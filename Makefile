@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench bench-deploy
+.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench bench-deploy bench-eval
 
 all: build
 
@@ -47,10 +47,10 @@ fixtures-venv:
 clean-deps:
 	rm -rf .deps
 
-## `make bench`: stage 1, 2 and 3 throughput against the Python references, then `score` against a Pillow +
-## PyTorch scorer and `serve` under loopback load (needs `make fixtures-venv`); results go in BENCHMARKS.md by
-## hand, with the command and the machine.
-bench: build
+## `make bench`: stage 1, 2 and 3 throughput against the Python references, evaluation against PyTorch / numpy,
+## then `score` against a Pillow + PyTorch scorer and `serve` under loopback load (needs `make fixtures-venv`);
+## results go in BENCHMARKS.md by hand, with the command and the machine.
+bench: build bench-eval
 	.deps/venv/bin/python tools/bench_generate.py
 	.deps/venv/bin/python tools/bench_stages12.py
 	.deps/venv/bin/python tools/bench_deploy.py
@@ -58,3 +58,8 @@ bench: build
 ## `make bench-deploy`: only the `score` / `serve` part (a few minutes).
 bench-deploy: build
 	.deps/venv/bin/python tools/bench_deploy.py
+
+## `make bench-eval`: evaluation (collect pass, KNN / Mahalanobis / ViM) against PyTorch / numpy reference code.
+bench-eval: build
+	$(CARGO) build --release --examples
+	.deps/venv/bin/python tools/bench_eval.py

@@ -38,6 +38,8 @@ pub struct Config {
     pub data: DataConfig,
     /// Stage 1: the text-aligned encoder and the feature bank.
     pub latent: LatentConfig,
+    /// Evaluation: scores, OOD protocol, metric convention (`dream-ood eval`).
+    pub eval: crate::eval::config::EvalConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -526,6 +528,11 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(p) = &mut config.eval.out
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
         let sample = &mut config.sample;
         for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
             .into_iter()
@@ -562,6 +569,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.latent.check() {
             return Err(bad(&format!("latent.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.eval.check() {
+            return Err(bad(&format!("eval.{field}"), msg));
         }
         Ok(())
     }

@@ -93,6 +93,14 @@ enum Command {
     /// Serve an exported detector over HTTP (POST /v1/score, GET /v1/model, /healthz, /metrics) until
     /// SIGTERM or Ctrl-C. Prints its URL.
     Serve(Box<cli::serve::ServeArgs>),
+
+    /// Evaluate detectors: OOD scores on the ID test set and each OOD set of the config, metrics per set
+    /// and their mean (stage 5).
+    ///
+    /// Writes OUT/metrics.json, OUT/metrics.csv, OUT/report.md, per-image scores
+    /// OUT/scores/<method>/<score>/<set>.npy (ID test: id_test.npy) and PNG plots OUT/plots/<method>/.
+    /// Prints OUT.
+    Eval(cli::eval::EvalArgs),
 }
 
 /// Flags of `generate`; each overrides the same key of the config's `[generate]` table.
@@ -349,6 +357,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Export(args) => cli::export::run(*args, &cli::progress::TermProgress::new()),
         Command::Score(args) => cli::score::run(*args, &cli::progress::TermProgress::new()),
         Command::Serve(args) => cli::serve::run(*args),
+
+        Command::Eval(args) => cli::eval::run_eval(args),
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
             let resolved = toml::to_string(&config).context("printing the resolved config")?;
@@ -362,8 +372,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             convention,
             json,
         } => {
-            let id = dream_ood::eval::scores::read_scores(&id)?;
-            let ood = dream_ood::eval::scores::read_scores(&ood)?;
+            let id = dream_ood::eval::score_file::read_scores(&id)?;
+            let ood = dream_ood::eval::score_file::read_scores(&ood)?;
             let metrics = dream_ood::eval::metrics::compute(&id, &ood, convention)?;
             let text = if json {
                 serde_json::to_string_pretty(&metrics)? + "\n"

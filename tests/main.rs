@@ -55,3 +55,7 @@ mod demo_sd;
 /// Stages 6–7: checkpoint → `export` parity with libtorch for every ResNet, calibration through the graph,
 /// metadata, `score` rows against the data layer + libtorch and its error rows, `serve` over loopback HTTP.
 mod deploy;
+
+/// `src/eval/`: every OOD score against numpy / scikit-learn / PyTorch, score invariants, and
+/// `dream-ood eval` end to end (files, shapes, metrics recomputed from the saved scores, errors).
+mod eval;

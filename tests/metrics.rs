@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use dream_ood::eval::fpr::Convention;
 use dream_ood::eval::metrics::{Metrics, compute};
-use dream_ood::eval::scores::read_scores;
+use dream_ood::eval::score_file::read_scores;
 
 use crate::common::{run_clean, stderr, stdout};
 

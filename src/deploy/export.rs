@@ -40,7 +40,7 @@ pub enum CalibrationSet {
     None,
     /// Image files and folders of a held-out ID validation split, scored through the exported graph.
     Images(Vec<PathBuf>),
-    /// Precomputed ID scores (`.npy` or text, [`crate::eval::scores::read_scores`]), of the same score
+    /// Precomputed ID scores (`.npy` or text, [`crate::eval::score_file::read_scores`]), of the same score
     /// function; converted to f32, the type the graph compares in.
     Scores(PathBuf),
 }
@@ -128,7 +128,7 @@ pub fn export(job: &ExportJob, progress: &dyn Progress) -> Result<ExportReport> 
     let threshold = match &job.calibration {
         CalibrationSet::None => None,
         CalibrationSet::Scores(path) => {
-            let scores: Vec<f32> = crate::eval::scores::read_scores(path)?
+            let scores: Vec<f32> = crate::eval::score_file::read_scores(path)?
                 .into_iter()
                 .map(|s| s as f32)
                 .collect();

@@ -29,7 +29,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::metrics::{CurvePoint, Positive, RankedScores};
 use crate::{Error, Result};
@@ -38,7 +38,7 @@ use crate::{Error, Result};
 pub const RECALL_LEVEL: f64 = 0.95;
 
 /// A rule for FPR at 95% TPR; see the module docs for each rule's source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Convention {
     /// Dream-OOD's official code (Hendrycks' `display_results.fpr_and_fdr_at_recall`): ID positive; among
     /// the distinct thresholds down to the first one at full recall, the one whose recall is closest to 0.95,
