@@ -35,6 +35,8 @@ pub struct Config {
     pub generate: GenerateConfig,
     /// The ID and OOD datasets and their transforms, shared by stages 1, 4, evaluation and export.
     pub data: DataConfig,
+    /// Stage 4: training the OOD detector.
+    pub train: crate::detector::TrainConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -540,6 +542,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.data.check() {
             return Err(bad(&format!("data.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.train.check() {
+            return Err(bad(&format!("train.{field}"), msg));
         }
         Ok(())
     }

@@ -42,3 +42,7 @@ mod data;
 /// Training code against PyTorch: SGD + cosine trajectory, the stage-1 loss and the Dream-OOD loss with
 /// their gradients.
 mod training;
+
+/// Stage 4 `dream-ood train`: the Dream-OOD and VOS losses vs PyTorch, the regulariser's gradient in the
+/// backbone and φ, training on tiny images (loss falls, energy separates), exact resume, bad settings.
+mod detector;
