@@ -451,7 +451,7 @@ fn neg_energy(model: &Path, source: DataSource) -> Vec<f64> {
 }
 
 /// Dream-OOD on tiny data: the log has every column, the loss falls, the energy separates ID from the
-/// outliers the detector was shown, φ was trained (its momentum is in the state), the checkpoint loads
+/// outliers the detector was shown (ID with the higher logsumexp, as the energy score needs), φ was trained (its momentum is in the state), the checkpoint loads
 /// into a plain classifier and describes itself.
 #[test]
 fn dream_ood_training_separates_id_from_outliers() {
@@ -564,7 +564,10 @@ fn resumed_run_equals_an_uninterrupted_one() {
     // 24 ID images and 12 outliers per pass with batch 12: `permute` restarts the outlier loader
     // within every epoch.
     dataset(root, 8, 12);
-    config(root, "batching = \"permute\"\nphi = \"mlp\"\nlr = 0.01\n");
+    config(
+        root,
+        "batching = \"permute\"\nphi = \"mlp\"\nphi_init = \"pytorch\"\nlr = 0.01\n",
+    );
     ok(&train(root, &["--out", "a"]));
     ok(&train(root, &["--out", "b", "--until-epoch", "1"]));
     assert_eq!(log_rows(&root.join("b")).len(), 1);

@@ -40,6 +40,46 @@ impl PhiHead {
         }
     }
 
+    /// The mean slope of `z_1 − z_0` (the ID-vs-outlier logit) in `u` over `u ∈ [0, 20]`, the range
+    /// of `lse` of a classifier's logits.
+    pub fn slope(&self) -> f64 {
+        tch::no_grad(|| {
+            let u = Tensor::linspace(0.0, 20.0, 41, (Kind::Float, self.device())).view([-1, 1]);
+            let z = self.forward(&u);
+            let d = z.select(1, 1) - z.select(1, 0); // [41]
+            (d.get(40) - d.get(0)).double_value(&[]) / 20.0
+        })
+    }
+
+    /// Swaps φ's two outputs when its slope is negative, so that at the first step the regulariser
+    /// already pushes ID rows towards higher `lse`, the direction the energy score assumes at test time.
+    /// PyTorch's init is symmetric in the two rows, so this is the same init conditioned on the sign.
+    pub fn align(&self) {
+        if self.slope() >= 0.0 {
+            return;
+        }
+        let last = match self {
+            PhiHead::Linear(l) => l,
+            PhiHead::Mlp(_, b) => b,
+        };
+        tch::no_grad(|| {
+            let flip = Tensor::from_slice(&[1i64, 0]).to_device(last.ws.device());
+            let mut w = last.ws.shallow_clone();
+            w.copy_(&last.ws.index_select(0, &flip));
+            if let Some(bs) = &last.bs {
+                let mut b = bs.shallow_clone();
+                b.copy_(&bs.index_select(0, &flip));
+            }
+        });
+    }
+
+    fn device(&self) -> tch::Device {
+        match self {
+            PhiHead::Linear(l) => l.ws.device(),
+            PhiHead::Mlp(a, _) => a.ws.device(),
+        }
+    }
+
     /// `[B, 1]` → `[B, 2]`.
     pub fn forward(&self, u: &Tensor) -> Tensor {
         match self {
@@ -57,6 +97,15 @@ pub struct LossParts {
     pub loss: Tensor,
     pub ce: Tensor,
     pub reg: Tensor,
+    /// Means of the regulariser's input score (`u`, or VOS's weighted lse) over the ID rows and over the
+    /// outlier rows, detached; `None` without a regulariser. Logged per epoch: the energy score ranks
+    /// correctly at test time only if the ID mean ends up above the outliers'.
+    pub score_means: Option<(Tensor, Tensor)>,
+}
+
+fn means(s_in: &Tensor, s_out: &Tensor) -> Option<(Tensor, Tensor)> {
+    let m = |t: &Tensor| t.detach().mean(Kind::Float);
+    Some((m(s_in), m(s_out)))
 }
 
 /// The logistic regulariser on per-row scores: `mean_b −log softmax(φ(s_b))_{ℓ_b}` over `[s_in; s_out]`
@@ -88,11 +137,13 @@ pub fn dream_ood_loss(
     let n = logits.size()[0];
     let ce = logits.narrow(0, 0, n_in).cross_entropy_for_logits(labels);
     let u = logits.logsumexp([1], false) / temperature; // [B]
-    let reg = logistic_regulariser(phi, &u.narrow(0, 0, n_in), &u.narrow(0, n_in, n - n_in));
+    let (u_in, u_out) = (u.narrow(0, 0, n_in), u.narrow(0, n_in, n - n_in));
+    let reg = logistic_regulariser(phi, &u_in, &u_out);
     LossParts {
         loss: &ce + &reg * beta,
         ce,
         reg,
+        score_means: means(&u_in, &u_out),
     }
 }
 
@@ -116,15 +167,14 @@ pub fn vos_loss(
     loss_weight: f64,
 ) -> LossParts {
     let ce = id_logits.cross_entropy_for_logits(labels);
-    let reg = logistic_regulariser(
-        phi,
-        &weighted_logsumexp(id_logits, energy_weight),
-        &weighted_logsumexp(virtual_logits, energy_weight),
-    );
+    let s_in = weighted_logsumexp(id_logits, energy_weight);
+    let s_out = weighted_logsumexp(virtual_logits, energy_weight);
+    let reg = logistic_regulariser(phi, &s_in, &s_out);
     LossParts {
         loss: &ce + &reg * loss_weight,
         ce,
         reg,
+        score_means: means(&s_in, &s_out),
     }
 }
 
@@ -135,6 +185,7 @@ pub fn ce_loss(logits: &Tensor, labels: &Tensor) -> LossParts {
         loss: ce.shallow_clone(),
         reg: ce.zeros_like(),
         ce,
+        score_means: None,
     }
 }
 
@@ -191,6 +242,50 @@ mod tests {
         let want = v.narrow(1, 0, 2).logsumexp([1], false);
         let d = (weighted_logsumexp(&v, &w) - want).abs().max();
         assert!(d.double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn align_makes_the_slope_positive_by_swapping_the_outputs() {
+        for kind in [Phi::Linear, Phi::Mlp] {
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let phi = PhiHead::new(&(vs.root() / "phi"), kind);
+            // Deterministic weights with a negative slope: z_0 rises with u, z_1 falls.
+            tch::no_grad(|| {
+                for (name, mut t) in vs.variables() {
+                    let n = t.numel() as i64;
+                    let v = Tensor::arange(n, (Kind::Float, tch::Device::Cpu))
+                        .g_mul_scalar(0.3)
+                        .cos();
+                    let v = if name.ends_with("weight") && t.size()[0] == 2 {
+                        Tensor::cat(
+                            &[
+                                v.abs().narrow(0, 0, n / 2),
+                                -v.abs().narrow(0, n / 2, n / 2),
+                            ],
+                            0,
+                        )
+                    } else {
+                        v.abs()
+                    };
+                    t.copy_(&v.reshape(t.size()));
+                }
+            });
+            assert!(phi.slope() < 0.0, "{kind:?}");
+            let u = Tensor::from_slice(&[0.5f32, 3.0, 9.0]).view([3, 1]);
+            let before = phi.forward(&u);
+            phi.align();
+            assert!(phi.slope() > 0.0, "{kind:?}");
+            let after = phi.forward(&u);
+            assert!(
+                after.equal(&before.index_select(1, &Tensor::from_slice(&[1i64, 0]))),
+                "{kind:?}"
+            );
+            phi.align();
+            assert!(
+                phi.forward(&u).equal(&after),
+                "{kind:?}: a second align changes nothing"
+            );
+        }
     }
 
     #[test]

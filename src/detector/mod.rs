@@ -41,7 +41,7 @@ pub mod vos;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Batching, Method, Phi, TrainConfig, VosConfig};
+pub use config::{Batching, Method, Phi, PhiInit, TrainConfig, VosConfig};
 pub use trainer::{TrainReport, run};
 
 use crate::config::{Config, DataConfig, DeviceSpec};

@@ -24,7 +24,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use super::TrainJob;
-use super::config::{Batching, Method, TrainConfig};
+use super::config::{Batching, Method, PhiInit, TrainConfig};
 use super::loss::{self, LossParts, PhiHead};
 use super::vos::{self, FeatureQueue};
 use crate::data::loader::{Epoch, sample_seed};
@@ -490,6 +490,10 @@ struct EpochSums {
     ce: Tensor,
     reg: Tensor,
     correct: Tensor,
+    score_in: Tensor,
+    score_out: Tensor,
+    /// Steps with a regulariser (VOS has none before its start epoch).
+    reg_steps: u64,
     steps: u64,
     id_rows: u64,
     images: u64,
@@ -503,6 +507,9 @@ impl EpochSums {
             ce: zero(),
             reg: zero(),
             correct: zero(),
+            score_in: zero(),
+            score_out: zero(),
+            reg_steps: 0,
             steps: 0,
             id_rows: 0,
             images: 0,
@@ -519,10 +526,26 @@ impl EpochSums {
                 .argmax(-1, false)
                 .eq_tensor(labels)
                 .sum(Kind::Double);
+            if let Some((s_in, s_out)) = &out.parts.score_means {
+                self.score_in += s_in.to_kind(Kind::Double);
+                self.score_out += s_out.to_kind(Kind::Double);
+                self.reg_steps += 1;
+            }
         });
         self.steps += 1;
         self.id_rows += labels.size()[0] as u64;
         self.images += images;
+    }
+
+    /// Mean regulariser scores of the ID rows and of the outliers, when the regulariser ran.
+    fn score_means(&self) -> Option<(f64, f64)> {
+        (self.reg_steps > 0).then(|| {
+            let n = self.reg_steps as f64;
+            (
+                self.score_in.double_value(&[]) / n,
+                self.score_out.double_value(&[]) / n,
+            )
+        })
     }
 
     /// (loss, ce, reg, train_acc) means.
@@ -571,7 +594,7 @@ fn settings(job: &TrainJob, num_classes: usize) -> serde_json::Value {
         drop(&["beta", "energy_temperature"]);
     }
     if !cfg.method.uses_phi() {
-        drop(&["phi"]);
+        drop(&["phi", "phi_init"]);
     }
     if !cfg.method.uses_generated() {
         drop(&["outlier_batch", "batching"]);
@@ -728,6 +751,9 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
             pos
         }
         None => {
+            if let (Some(phi), PhiInit::Aligned) = (&model.phi, cfg.phi_init) {
+                phi.align();
+            }
             if let Some(init) = &cfg.init {
                 checkpoint::load_into(init, &mut vs)?;
                 tracing::info!(init = %init.display(), "network initialised from a checkpoint");
@@ -887,6 +913,18 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
             .push("train_acc", train_acc);
         if let Some(a) = test_acc {
             row.push("test_acc", a);
+        }
+        if let Some((s_in, s_out)) = sums.score_means() {
+            row.push("score_in", s_in).push("score_out", s_out);
+            if s_in <= s_out {
+                tracing::warn!(
+                    epoch = epoch + 1,
+                    score_in = format!("{s_in:.3}"),
+                    score_out = format!("{s_out:.3}"),
+                    "the regulariser separates ID and outliers the other way round (mean ID score below \
+                     the outliers'): the energy score would rank outliers as ID"
+                );
+            }
         }
         row.push("seconds", seconds)
             .push("images_per_s", images_per_s);
