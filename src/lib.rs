@@ -19,7 +19,7 @@
 //!
 //! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
 //! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
-//! ResNets), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
+//! ResNets), [`sampling`] (stage 2), [`detector`] (stage 4: the OOD detector's training loop, losses, VOS), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
 //! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
 //! [`eval`] (exact OOD metrics), [`progress`] (progress events) and [`error`]. The README's status table says
 //! what each stage still lacks.

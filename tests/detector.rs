@@ -580,6 +580,45 @@ fn resumed_run_equals_an_uninterrupted_one() {
     assert_eq!(log_rows(&root.join("b")).len(), 2);
 }
 
+/// Ctrl-C (SIGINT) stops the run after the current step with exit status 1 and a hint; rerunning the
+/// command finishes it with the same files as a run that was never stopped.
+#[test]
+fn interrupted_run_resumes_to_the_same_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    dataset(root, 4, 3);
+    config(root, "epochs = 6\nlr = 0.01\n");
+    ok(&train(root, &["--out", "a"]));
+    let mut child = dream_ood()
+        .current_dir(root)
+        .args(["-q", "train", "config.toml", "--out", "b"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = root.join("b/log.jsonl");
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&log).is_ok_and(|t| !t.is_empty()) {
+        assert!(start.elapsed().as_secs() < 120, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    if out.status.code() == Some(1) {
+        assert!(err.contains("rerun the same command to resume"), "{err}");
+        assert!(log_rows(&root.join("b")).len() < 6);
+    } else {
+        // The run finished before the signal landed (a very slow machine); nothing to resume.
+        assert!(out.status.success(), "{err}");
+    }
+    ok(&train(root, &["--out", "b"]));
+    same_run(&root.join("a"), &root.join("b"));
+}
+
 /// VOS on tiny data, its queue filled in epoch 1 and the regulariser on from epoch 2; the resumed run
 /// (queue, energy weights and φ restored from the state file) equals the uninterrupted one.
 #[test]

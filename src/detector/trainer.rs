@@ -929,7 +929,6 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
         row.push("seconds", seconds)
             .push("images_per_s", images_per_s);
         log.append(row.clone())?;
-        progress.advance(0);
         tracing::info!(
             epoch = epoch + 1,
             of = cfg.epochs,
