@@ -589,7 +589,7 @@ fn interrupted_run_resumes_to_the_same_result() {
     dataset(root, 4, 3);
     config(root, "epochs = 6\nlr = 0.01\n");
     ok(&train(root, &["--out", "a"]));
-    let mut child = dream_ood()
+    let child = dream_ood()
         .current_dir(root)
         .args(["-q", "train", "config.toml", "--out", "b"])
         .stderr(std::process::Stdio::piped())
