@@ -40,6 +40,8 @@ pub struct Config {
     pub latent: LatentConfig,
     /// Evaluation: scores, OOD protocol, metric convention (`dream-ood eval`).
     pub eval: crate::eval::config::EvalConfig,
+    /// Stage 4: training the OOD detector.
+    pub train: crate::detector::TrainConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -572,6 +574,9 @@ impl Config {
         }
         if let Err((field, msg)) = self.eval.check() {
             return Err(bad(&format!("eval.{field}"), msg));
+        }
+        if let Err((field, msg)) = self.train.check() {
+            return Err(bad(&format!("train.{field}"), msg));
         }
         Ok(())
     }

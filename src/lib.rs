@@ -19,7 +19,7 @@
 //!
 //! What exists today: [`config`] (the strict TOML schema), [`runtime`] (loading libtorch and ONNX Runtime,
 //! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
-//! ResNets, checkpoints, the optimiser and training files), [`latent`] (stage 1), [`sampling`] (stage 2), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
+//! ResNets, checkpoints, the optimiser and training files), [`latent`] (stage 1), [`sampling`] (stage 2), [`detector`] (stage 4: the OOD detector's training loop, losses, VOS), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
 //! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
 //! [`eval`] (exact OOD metrics), [`deploy`] (stages 6–7: export with threshold calibration, `score`, `serve`),
 //! [`progress`] (progress events) and [`error`]. The README's status table says
@@ -28,6 +28,7 @@
 pub mod config;
 pub mod data;
 pub mod deploy;
+pub mod detector;
 pub mod diffusion;
 pub mod error;
 pub mod eval;

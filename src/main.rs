@@ -101,6 +101,13 @@ enum Command {
     /// OUT/scores/<method>/<score>/<set>.npy (ID test: id_test.npy) and PNG plots OUT/plots/<method>/.
     /// Prints OUT.
     Eval(cli::eval::EvalArgs),
+
+    /// Stage 4: train the OOD detector (baseline, dream_ood, vos or inlier_aug) from a config.
+    ///
+    /// Writes OUT/model.safetensors (the classifier, loadable by PyTorch), OUT/state.safetensors, OUT/log.jsonl
+    /// and OUT/log.csv after every epoch, and prints the model's path. Rerunning the same command resumes
+    /// after the last finished epoch; Ctrl-C stops after the current step (exit 1).
+    Train(Box<cli::train::TrainArgs>),
 }
 
 /// Flags of `generate`; each overrides the same key of the config's `[generate]` table.
@@ -359,6 +366,8 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve(args) => cli::serve::run(*args),
 
         Command::Eval(args) => cli::eval::run_eval(args),
+
+        Command::Train(args) => cli::train::run(*args),
         Command::Config(ConfigCommand::Check { file }) => {
             let config = Config::load(&file)?;
             let resolved = toml::to_string(&config).context("printing the resolved config")?;

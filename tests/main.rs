@@ -59,3 +59,7 @@ mod deploy;
 /// `src/eval/`: every OOD score against numpy / scikit-learn / PyTorch, score invariants, and
 /// `dream-ood eval` end to end (files, shapes, metrics recomputed from the saved scores, errors).
 mod eval;
+
+/// Stage 4 `dream-ood train`: the Dream-OOD and VOS losses vs PyTorch, the regulariser's gradient in the
+/// backbone and φ, training on tiny images (loss falls, energy separates), exact resume, bad settings.
+mod detector;

@@ -9,3 +9,4 @@ pub mod progress;
 pub mod run;
 pub mod score;
 pub mod serve;
+pub mod train;
