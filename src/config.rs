@@ -58,6 +58,9 @@ pub struct RunConfig {
     pub device: String,
     /// Worker threads for CPU work; 0 means all available cores. Results never depend on it. Default 0.
     pub threads: usize,
+    /// Detector methods `dream-ood run` trains and evaluates side by side (e.g. `["baseline", "dream_ood"]`);
+    /// empty = only `[train] method`. Default [].
+    pub methods: Vec<crate::detector::Method>,
 }
 
 impl Default for RunConfig {
@@ -67,6 +70,7 @@ impl Default for RunConfig {
             seed: 0,
             device: "auto".to_owned(),
             threads: 0,
+            methods: Vec::new(),
         }
     }
 }

@@ -62,7 +62,7 @@ enum Command {
     },
     /// Run the stages in order in the config's run folder, skipping those that are up to date.
     ///
-    /// Stages today: latent, sample, generate. Each stage's folder holds a stamp.json with the hash of its
+    /// Stages: latent, sample, generate, train ([run] methods side by side), eval. Each stage's folder holds a stamp.json with the hash of its
     /// settings and inputs; a changed setting reruns that stage and the later ones. A killed run resumes.
     Run(Box<cli::run::RunArgs>),
     /// Stage 1: train the encoder aligned to the class token embeddings and write the feature bank.

@@ -1,5 +1,6 @@
-//! `dream-ood run CONFIG`: the stages in order inside one run folder, each skipped when its outputs are
-//! complete and were made from the same inputs and settings.
+//! `dream-ood run CONFIG`: the stages in order inside one run folder (latent, sample, generate, train for
+//! every method of `[run] methods`, eval of them side by side), each skipped when its outputs are complete
+//! and were made from the same inputs and settings.
 //!
 //! Every stage has a folder `<run.out_dir>/<stage>/` and a `stamp.json` in it:
 //!
@@ -33,16 +34,26 @@ pub enum Stage {
     Latent,
     Sample,
     Generate,
+    Train,
+    Eval,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 3] = [Stage::Latent, Stage::Sample, Stage::Generate];
+    pub const ALL: [Stage; 5] = [
+        Stage::Latent,
+        Stage::Sample,
+        Stage::Generate,
+        Stage::Train,
+        Stage::Eval,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Stage::Latent => "latent",
             Stage::Sample => "sample",
             Stage::Generate => "generate",
+            Stage::Train => "train",
+            Stage::Eval => "eval",
         }
     }
 }
@@ -140,6 +151,21 @@ impl Run {
             }),
             Stage::Sample => serde_json::json!({ "sample": c.sample, "seed": c.run.seed }),
             Stage::Generate => serde_json::json!({ "generate": c.generate, "base": self.base }),
+            Stage::Train => serde_json::json!({
+                "data": c.data, "train": c.train, "methods": self.methods(), "seed": c.run.seed,
+            }),
+            Stage::Eval => {
+                serde_json::json!({ "data": c.data, "eval": c.eval, "seed": c.run.seed })
+            }
+        }
+    }
+
+    /// The detector methods the run trains and evaluates.
+    pub fn methods(&self) -> Vec<crate::detector::Method> {
+        if self.config.run.methods.is_empty() {
+            vec![self.config.train.method]
+        } else {
+            self.config.run.methods.clone()
         }
     }
 
@@ -304,6 +330,49 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
                     ),
                 });
             }
+        }
+        Stage::Train => {
+            for method in run.methods() {
+                let overrides = crate::detector::Overrides {
+                    method: Some(method),
+                    out: Some(run.dir(Stage::Train).join(method.name())),
+                    device: Some(c.run.device.clone()),
+                    ..Default::default()
+                };
+                let mut cfg = c.clone();
+                if cfg.train.outliers.is_none() {
+                    cfg.train.outliers = Some(run.dir(Stage::Generate));
+                }
+                let job = crate::detector::TrainJob::from_config(&cfg, &run.base, overrides)?;
+                let report = crate::detector::trainer::run(&job, progress, stop)?;
+                if report.interrupted {
+                    return Err(Error::Check {
+                        what: "train".into(),
+                        msg: format!(
+                            "{} interrupted after epoch {}; rerun the same command to resume",
+                            method.name(),
+                            report.epochs_done
+                        ),
+                    });
+                }
+            }
+        }
+        Stage::Eval => {
+            let checkpoints = run
+                .methods()
+                .into_iter()
+                .map(|m| {
+                    (
+                        Some(m.name().to_owned()),
+                        run.dir(Stage::Train)
+                            .join(m.name())
+                            .join("model.safetensors"),
+                    )
+                })
+                .collect();
+            let mut job = crate::eval::evaluate::EvalJob::from_config(c, checkpoints, run.device);
+            job.out_dir = run.dir(Stage::Eval);
+            crate::eval::evaluate::run(&job, progress)?;
         }
     }
     Ok(())

@@ -1,5 +1,6 @@
-//! `dream-ood run` on a micro config (tiny images, one epoch, the tiny SD fixture): stages 1–3 run in
-//! order into one folder, a second run skips them all, a changed stage-2 setting reruns stage 2 and 3 only,
+//! `dream-ood run` on a micro config (tiny images, one epoch, the tiny SD fixture): stages 1–5 run in
+//! order into one folder (a baseline and a Dream-OOD detector trained and evaluated side by side), a second
+//! run skips them all, a changed stage-2 setting reruns the stages from 2 on only,
 //! `--only` and `--force` do what they say.
 
 use std::path::Path;
@@ -30,6 +31,7 @@ out_dir = "run"
 seed = 1
 device = "cpu"
 threads = 1
+methods = ["baseline", "dream_ood"]
 
 [data]
 classes = "classes.toml"
@@ -40,6 +42,14 @@ std = [0.25, 0.25, 0.25]
 [data.train]
 format = "folder"
 path = "images"
+[data.test]
+format = "folder"
+path = "images"
+[data.ood.noise]
+format = "noise"
+path = "."
+count = 12
+side = 8
 
 [latent]
 sd_model = "{sd}"
@@ -64,6 +74,20 @@ steps = 2
 batch = 3
 image_size = 16
 threads = 1
+
+[train]
+depth = "resnet18"
+epochs = 1
+batch = 8
+outlier_batch = 3
+threads = 1
+
+[eval]
+scores = ["energy", "msp", "knn"]
+knn_k = 2
+protocol = "full"
+batch_size = 16
+plots = false
 "#,
         sd = sd.display()
     )
@@ -101,7 +125,7 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let ran =
         |a: &[(String, String)], stage: &str| a.iter().find(|(s, _)| s == stage).unwrap().1.clone();
     let a = actions(&out);
-    for stage in ["latent", "sample", "generate"] {
+    for stage in ["latent", "sample", "generate", "train", "eval"] {
         assert_eq!(ran(&a, stage), "ran", "{a:?}");
     }
     let run = dir.path().join("run");
@@ -112,12 +136,25 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let stamp: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("generate/stamp.json")).unwrap()).unwrap();
     assert_eq!(stamp["state"], "done");
+    for method in ["baseline", "dream_ood"] {
+        assert!(
+            run.join(format!("train/{method}/model.safetensors"))
+                .exists()
+        );
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("eval/metrics.json")).unwrap()).unwrap();
+    let text = metrics.to_string();
+    assert!(
+        text.contains("baseline") && text.contains("dream_ood"),
+        "{text}"
+    );
 
     // Nothing changed: everything is up to date.
     let out = run_clean(dir.path(), &["run", cfg_arg], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let a = actions(&out);
-    for stage in ["latent", "sample", "generate"] {
+    for stage in ["latent", "sample", "generate", "train", "eval"] {
         assert_eq!(ran(&a, stage), "up to date", "{a:?}");
     }
 
@@ -129,6 +166,8 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     assert_eq!(ran(&a, "latent"), "up to date", "{a:?}");
     assert_eq!(ran(&a, "sample"), "ran", "{a:?}");
     assert_eq!(ran(&a, "generate"), "ran", "{a:?}");
+    assert_eq!(ran(&a, "train"), "ran", "{a:?}");
+    assert_eq!(ran(&a, "eval"), "ran", "{a:?}");
     let sidecar: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("sample/outliers.json")).unwrap()).unwrap();
     assert_eq!(sidecar["settings"]["sigma"], 0.05, "{sidecar}");

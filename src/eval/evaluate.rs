@@ -55,17 +55,22 @@ pub struct EvalJob {
 }
 
 impl EvalJob {
-    /// The job a loaded config describes; `checkpoints` empty means `<run.out_dir>/train/model.safetensors`.
+    /// The job a loaded config describes; `checkpoints` empty means the model `dream-ood train` writes for
+    /// `[train] method`: `<run.out_dir>/train/<method>/model.safetensors` (or `[train] out`).
     pub fn from_config(
         config: &Config,
         checkpoints: Vec<(Option<String>, PathBuf)>,
         device: Device,
     ) -> EvalJob {
         let checkpoints = if checkpoints.is_empty() {
-            vec![(
-                None,
-                config.run.out_dir.join("train").join("model.safetensors"),
-            )]
+            let dir = config.train.out.clone().unwrap_or_else(|| {
+                config
+                    .run
+                    .out_dir
+                    .join("train")
+                    .join(config.train.method.name())
+            });
+            vec![(None, dir.join("model.safetensors"))]
         } else {
             checkpoints
         };
