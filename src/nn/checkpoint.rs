@@ -156,6 +156,15 @@ pub fn write_tensors(
     tensors: &[(String, Tensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    write_atomic(path, &encode_tensors(path, tensors, metadata)?)
+}
+
+/// The safetensors bytes of named tensors and metadata (`path` only names the file in errors).
+pub fn encode_tensors(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    metadata: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let raws = tensors
         .iter()
         .map(|(name, t)| Ok((name.clone(), to_raw(name, t)?)))
@@ -166,7 +175,7 @@ pub fn write_tensors(
             line: None,
             msg: format!("cannot serialise safetensors: {e}"),
         })?;
-    write_atomic(path, &bytes)
+    Ok(bytes)
 }
 
 /// A safetensors file read whole: its tensors on the CPU (float32 or int64) and its string metadata.
@@ -268,6 +277,11 @@ fn batch_norm_prefixes<'a>(names: impl Iterator<Item = &'a String>) -> Vec<Strin
 /// batches, and PyTorch reads the counter only when `momentum=None`, which these networks never use; it is
 /// there so that PyTorch's strict `load_state_dict` accepts the file.
 pub fn save(path: &Path, vs: &nn::VarStore, info: &CheckpointInfo) -> Result<()> {
+    write_atomic(path, &encode(path, vs, info)?)
+}
+
+/// The bytes [`save`] writes.
+pub fn encode(path: &Path, vs: &nn::VarStore, info: &CheckpointInfo) -> Result<Vec<u8>> {
     let vars = vs.variables();
     let mut tensors: Vec<(String, Tensor)> = vars
         .iter()
@@ -281,7 +295,7 @@ pub fn save(path: &Path, vs: &nn::VarStore, info: &CheckpointInfo) -> Result<()>
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let json = serde_json::to_string(info).expect("checkpoint info is plain data");
-    write_tensors(
+    encode_tensors(
         path,
         &tensors,
         HashMap::from([(METADATA_KEY.to_owned(), json)]),

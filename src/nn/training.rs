@@ -8,8 +8,8 @@
 //! log.jsonl, log.csv  one row per epoch (the same columns in both)
 //! ```
 //!
-//! Resume rule: the state file is written first and the model second, both atomically, and each records the
-//! epoch; a folder is resumable when both agree. Data order and augmentation come from (seed, epoch) in the
+//! Resume rule: both files are written under temporary names, then renamed (state first, model second); each
+//! records the epoch, and a folder is resumable when both agree. Data order and augmentation come from (seed, epoch) in the
 //! loader and every other draw from (seed, step), so a resumed run continues the uninterrupted one.
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,7 +21,7 @@ use tch::{Tensor, nn};
 use super::checkpoint::{self, CheckpointInfo};
 use super::optim::Sgd;
 use crate::error::{Error, Result};
-use crate::files::write_atomic;
+use crate::files::{temp_path, write_atomic};
 
 /// The files of one training run.
 #[derive(Debug, Clone)]
@@ -76,10 +76,18 @@ impl TrainFiles {
             ("epoch".to_owned(), pos.epoch.to_string()),
             ("step".to_owned(), pos.step.to_string()),
         ]);
-        checkpoint::write_tensors(&self.state(), &tensors, meta)?;
         let mut info = info.clone();
         info.epoch = pos.epoch;
-        checkpoint::save(&self.model(), vs, &info)
+        // Both files are serialised and written under temporary names first, then renamed one right
+        // after the other: a kill can split the pair only between two renames, not during a write.
+        let (state, model) = (self.state(), self.model());
+        let state_bytes = checkpoint::encode_tensors(&state, &tensors, meta)?;
+        let model_bytes = checkpoint::encode(&model, vs, &info)?;
+        let (state_tmp, model_tmp) = (temp_path(&state), temp_path(&model));
+        std::fs::write(&state_tmp, &state_bytes).map_err(|e| Error::io(&state_tmp, e))?;
+        std::fs::write(&model_tmp, &model_bytes).map_err(|e| Error::io(&model_tmp, e))?;
+        std::fs::rename(&state_tmp, &state).map_err(|e| Error::io(&state, e))?;
+        std::fs::rename(&model_tmp, &model).map_err(|e| Error::io(&model, e))
     }
 
     /// Loads the last finished epoch into `vs` and `opt` when the folder holds a consistent pair of files;
