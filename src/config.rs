@@ -737,7 +737,9 @@ mod tests {
     fn far_off_key_gets_no_guess() {
         let msg = parse_err("[run]\nzzzzqqq = 1\n");
         assert!(
-            msg.contains("run.zzzzqqq: unknown key (valid keys: out_dir, seed, device, threads)"),
+            msg.contains(
+                "run.zzzzqqq: unknown key (valid keys: out_dir, seed, device, threads, methods)"
+            ),
             "{msg}"
         );
     }
