@@ -307,7 +307,8 @@ fn tiny_checkpoint(path: &Path, method: &str) {
     checkpoint::save(path, &vs, &info).unwrap();
 }
 
-/// A run folder with data, a checkpoint at `<out_dir>/train/model.safetensors` and a config whose
+/// A run folder with data, a checkpoint at `<out_dir>/train/dream_ood/model.safetensors` (where `train` puts
+/// the default method's model) and a config whose
 /// `[eval]` table is `eval` (plus `extra` appended).
 fn setup(eval: &str, extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -316,8 +317,8 @@ fn setup(eval: &str, extra: &str) -> tempfile::TempDir {
     image_folder(&d.join("id_test"), 3, 5, 0);
     image_folder(&d.join("noise"), 1, 8, 3);
     image_folder(&d.join("waves"), 2, 4, 7);
-    std::fs::create_dir_all(d.join("run/train")).unwrap();
-    tiny_checkpoint(&d.join("run/train/model.safetensors"), "tiny");
+    std::fs::create_dir_all(d.join("run/train/dream_ood")).unwrap();
+    tiny_checkpoint(&d.join("run/train/dream_ood/model.safetensors"), "tiny");
     let config = format!(
         "[run]\nout_dir = \"run\"\ndevice = \"cpu\"\nthreads = 1\nseed = 3\n\n\
          [data]\nsize = 16\ntrain = {{ format = \"folder\", path = \"id_train\" }}\n\
@@ -430,7 +431,7 @@ fn eval_writes_every_file_and_its_metrics_are_those_of_its_saved_scores() {
 fn eval_full_protocol_with_named_checkpoints_and_a_score_list() {
     let dir = setup("knn_k = 2\nprotocol = \"full\"\nplots = false\n", "");
     let d = dir.path();
-    let ckpt = d.join("run/train/model.safetensors");
+    let ckpt = d.join("run/train/dream_ood/model.safetensors");
     let a = format!("first={}", ckpt.display());
     let b = format!("second={}", ckpt.display());
     let out = run_clean(
