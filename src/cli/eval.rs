@@ -17,7 +17,7 @@ pub struct EvalArgs {
     /// [run] the seed, device and run folder.
     pub config: PathBuf,
     /// A checkpoint to evaluate, as NAME=PATH or PATH (named after its method or file stem); repeat for
-    /// several. Default: <run.out_dir>/train/model.safetensors.
+    /// several. Default: <run.out_dir>/train/<[train] method>/model.safetensors, where `train` writes it.
     #[arg(long = "checkpoint", value_name = "NAME=PATH")]
     pub checkpoints: Vec<String>,
     /// Output folder [default: eval.out, else <run.out_dir>/eval].
