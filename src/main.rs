@@ -265,8 +265,6 @@ fn main() -> ExitCode {
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     use dream_ood::diffusion::generate::{GenerateJob, run_generate};
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
 
     let (mut cfg, base) = match &args.config {
         Some(path) => {
@@ -299,16 +297,8 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<ExitCode> {
     let mut job = GenerateJob::from_config(&cfg, &base)?;
     job.shard = args.shard;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second interrupt: stopping now; rerun the same command to resume");
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: finishing the batch in flight (Ctrl-C again to stop at once)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop =
+        cli::interrupt::stop_flag("finishing the batch in flight (Ctrl-C again to stop at once)")?;
     let report = run_generate(&job, &cli::progress::TermProgress::new(), &stop)?;
     let done = report.already_done + report.generated;
     if report.interrupted {

@@ -3,6 +3,7 @@
 
 pub mod eval;
 pub mod export;
+pub mod interrupt;
 pub mod latent;
 pub mod logging;
 pub mod progress;

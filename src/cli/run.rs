@@ -1,10 +1,7 @@
 //! `dream-ood run CONFIG`: the stages in order in one run folder (`dream_ood::pipeline`).
 
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use dream_ood::pipeline::{Run, RunOptions, Stage, run};
 
 /// Flags of `run`.
@@ -25,16 +22,9 @@ pub struct RunArgs {
 
 pub fn run_run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     let pipeline = Run::load(&args.config)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second interrupt: stopping now; rerun the same command to resume");
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: finishing the batch in flight (Ctrl-C again to stop at once)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = super::interrupt::stop_flag(
+        "finishing the batch in flight (Ctrl-C again to stop at once)",
+    )?;
     let opts = RunOptions {
         from: args.from,
         only: args.only,

@@ -2,10 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::Context;
 use dream_ood::config::Config;
 use dream_ood::detector::{Method, Overrides, TrainJob};
 
@@ -52,16 +49,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     };
     let job = TrainJob::from_config(&config, &base, overrides)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second interrupt: stopping now; rerun the same command to resume");
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: stopping after this step (the unfinished epoch is redone on resume)");
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = super::interrupt::stop_flag(
+        "stopping after this step (the unfinished epoch is redone on resume)",
+    )?;
     let report = dream_ood::detector::run(&job, &super::progress::TermProgress::new(), &stop)?;
     if report.interrupted {
         eprintln!(
