@@ -17,23 +17,6 @@ const CLASSES: usize = 3;
 const PER_CLASS: usize = 20;
 const DIM: usize = 16;
 
-/// 3 classes of 8×8 RGB images told apart by colour, with a per-image pattern from a closed formula.
-fn write_images(root: &Path) {
-    for c in 0..CLASSES {
-        let dir = root.join(format!("class{c}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..PER_CLASS {
-            let img = image::RgbImage::from_fn(8, 8, |x, y| {
-                let wave = (((x * 3 + y * 5 + i as u32 * 7) % 11) * 8) as u8;
-                let mut px = [wave, wave, wave];
-                px[c] = px[c].saturating_add(150);
-                image::Rgb(px)
-            });
-            img.save(dir.join(format!("{i:02}.png"))).unwrap();
-        }
-    }
-}
-
 fn write_tokens(path: &Path) {
     let t = Array2::<f32>::from_shape_fn((CLASSES, DIM), |(c, d)| {
         (0.3 * ((c * DIM + d) as f32 * 0.9 + c as f32).sin()) + if d == c { 1.0 } else { 0.0 }
@@ -85,7 +68,7 @@ fn read_f32(path: &Path) -> ArrayD<f32> {
 
 fn fixture_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    write_images(&dir.path().join("images"));
+    crate::common::write_colour_classes(&dir.path().join("images"), CLASSES, PER_CLASS);
     write_tokens(&dir.path().join("tokens.npy"));
     dir
 }

@@ -14,26 +14,7 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The fill formula of `tools/make_resnet_fixtures.py` (`fill`), evaluated the same way: f64, then f32.
-fn fill(name: &str, shape: &[i64]) -> Tensor {
-    let n: i64 = shape.iter().product();
-    let phase = name.bytes().map(f64::from).sum::<f64>() * 0.01;
-    let leaf = name.rsplit('.').next().unwrap();
-    let (base, amp) = match leaf {
-        "weight" if shape.len() >= 2 => (
-            0.0,
-            (3.0 / shape[1..].iter().product::<i64>() as f64).sqrt(),
-        ),
-        "weight" => (1.0, 0.1),
-        "bias" | "running_mean" => (0.0, 0.1),
-        "running_var" => (1.25, 0.25),
-        other => panic!("no fill rule for {other} ({name})"),
-    };
-    let values: Vec<f32> = (0..n)
-        .map(|i| (base + amp * (0.7 * i as f64 + phase).sin()) as f32)
-        .collect();
-    Tensor::from_slice(&values).view(shape)
-}
+use crate::common::resnet_fixture_fill as fill;
 
 fn input() -> Tensor {
     let values: Vec<f32> = (0..2 * 3 * 32 * 32)

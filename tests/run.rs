@@ -7,22 +7,6 @@ use std::path::Path;
 
 use crate::common::{run_clean, stderr, stdout};
 
-fn write_images(root: &Path) {
-    for c in 0..3u32 {
-        let dir = root.join(format!("class{c}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        for i in 0..8u32 {
-            let img = image::RgbImage::from_fn(8, 8, |x, y| {
-                let wave = (((x * 3 + y * 5 + i * 7) % 11) * 8) as u8;
-                let mut px = [wave, wave, wave];
-                px[c as usize] = px[c as usize].saturating_add(150);
-                image::Rgb(px)
-            });
-            img.save(dir.join(format!("{i}.png"))).unwrap();
-        }
-    }
-}
-
 fn config(sigma: f64) -> String {
     let sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_sd/model");
     format!(
@@ -110,7 +94,7 @@ fn actions(out: &std::process::Output) -> Vec<(String, String)> {
 #[test]
 fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let dir = tempfile::tempdir().unwrap();
-    write_images(&dir.path().join("images"));
+    crate::common::write_colour_classes(&dir.path().join("images"), 3, 8);
     std::fs::write(
         dir.path().join("classes.toml"),
         "[[class]]\nname = \"apple\"\n[[class]]\nname = \"cat\"\n[[class]]\nname = \"dog\"\n",
