@@ -29,6 +29,10 @@ path = "images"
 [data.test]
 format = "folder"
 path = "images"
+[data.val]
+format = "folder"
+path = "images"
+holdout = {{ fraction = 0.25, part = "held" }}
 [data.ood.noise]
 format = "noise"
 path = "."
@@ -133,6 +137,24 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
         text.contains("baseline") && text.contains("dream_ood"),
         "{text}"
     );
+
+    // `export CONFIG`: the trained dream_ood model, its threshold calibrated through the exported graph on
+    // [data.val] (2 held-out images of each class).
+    let out = run_clean(dir.path(), &["export", cfg_arg], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let onnx = run.join("export/detector.onnx");
+    assert_eq!(stdout(&out).trim(), onnx.display().to_string());
+    let props: std::collections::HashMap<String, String> =
+        dream_ood::onnx::model::load_model(&onnx)
+            .unwrap()
+            .metadata_props
+            .into_iter()
+            .map(|p| (p.key().to_owned(), p.value().to_owned()))
+            .collect();
+    let meta = dream_ood::deploy::DetectorMetadata::from_props(&props, "detector.onnx").unwrap();
+    let cal = meta.calibration.expect("calibrated");
+    assert_eq!((cal.source.as_str(), cal.count), ("dataset", 6));
+    assert!(cal.achieved_tpr >= 0.95);
 
     // Nothing changed: everything is up to date.
     let out = run_clean(dir.path(), &["run", cfg_arg], &[]);

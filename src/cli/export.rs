@@ -13,12 +13,15 @@ use dream_ood::onnx::export::ScoreKind;
 /// Flags of `export`.
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
+    /// A run config: the checkpoint defaults to the model `train` wrote for [train] method, the output to
+    /// <run.out_dir>/export/detector.onnx, and [data.val] (a held-out ID split) calibrates the threshold.
+    config: Option<PathBuf>,
     /// The checkpoint (.safetensors): a dream-ood detector, or a PyTorch state_dict with --arch/--stem.
-    #[arg(long)]
-    checkpoint: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    checkpoint: Option<PathBuf>,
     /// The detector file to write (written atomically).
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    out: Option<PathBuf>,
     /// resnet18, resnet34 or resnet50 (only for checkpoints without dream-ood metadata; must agree
     /// otherwise).
     #[arg(long)]
@@ -110,15 +113,42 @@ pub fn run(
         "msp" => ScoreKind::Msp,
         _ => ScoreKind::MaxLogit,
     };
+    let config = args
+        .config
+        .as_deref()
+        .map(dream_ood::config::Config::load)
+        .transpose()?;
     let calibration = match (args.calibration.is_empty(), args.calibration_scores) {
         (false, _) => CalibrationSet::Images(args.calibration),
         (true, Some(f)) => CalibrationSet::Scores(f),
-        (true, None) => CalibrationSet::None,
+        (true, None) => match config.as_ref().and_then(|c| c.data.val.clone()) {
+            Some(val) => CalibrationSet::Dataset(val),
+            None => CalibrationSet::None,
+        },
     };
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
+    let checkpoint = match (args.checkpoint, &config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => c
+            .train
+            .out
+            .clone()
+            .unwrap_or_else(|| c.run.out_dir.join("train").join(c.train.method.name()))
+            .join("model.safetensors"),
+        (None, None) => anyhow::bail!("--checkpoint is required without a config"),
+    };
+    let out = match (args.out, &config) {
+        (Some(p), _) => p,
+        (None, Some(c)) => c.run.out_dir.join("export").join("detector.onnx"),
+        (None, None) => anyhow::bail!("--out is required without a config"),
+    };
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
     let job = ExportJob {
-        checkpoint: args.checkpoint,
-        out: args.out,
+        checkpoint,
+        out,
         network: NetworkOverride {
             depth: args.arch,
             stem: args.stem,

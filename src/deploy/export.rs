@@ -43,6 +43,9 @@ pub enum CalibrationSet {
     /// Precomputed ID scores (`.npy` or text, [`crate::eval::score_file::read_scores`]), of the same score
     /// function; converted to f32, the type the graph compares in.
     Scores(PathBuf),
+    /// A config's dataset (usually `[data.val]`, a held-out part of the ID training split), decoded by the
+    /// data layer and scored through the exported graph.
+    Dataset(crate::data::DataSource),
 }
 
 /// Architecture facts for checkpoints without dream-ood metadata (a PyTorch `state_dict`), and overrides
@@ -90,7 +93,12 @@ pub struct ExportReport {
 /// Exports `job.checkpoint` to `job.out` (atomically), calibrating when asked.
 pub fn export(job: &ExportJob, progress: &dyn Progress) -> Result<ExportReport> {
     check_tpr(job.target_tpr)?;
-    if job.per_class && !matches!(job.calibration, CalibrationSet::Images(_)) {
+    if job.per_class
+        && !matches!(
+            job.calibration,
+            CalibrationSet::Images(_) | CalibrationSet::Dataset(_)
+        )
+    {
         return Err(Error::InvalidValue {
             key: "per_class_thresholds".to_owned(),
             msg:
@@ -145,6 +153,12 @@ pub fn export(job: &ExportJob, progress: &dyn Progress) -> Result<ExportReport> 
         }
         CalibrationSet::Images(paths) => {
             let (t, cal, missing) = calibrate_on_images(job, &meta, &weights, paths, progress)?;
+            meta.calibration = Some(cal);
+            fallback = missing;
+            Some(t)
+        }
+        CalibrationSet::Dataset(source) => {
+            let (t, cal, missing) = calibrate_on_dataset(job, &meta, &weights, source, progress)?;
             meta.calibration = Some(cal);
             fallback = missing;
             Some(t)
@@ -277,13 +291,72 @@ fn calibrate_on_images(
             ),
         });
     }
-    let global = threshold_at_tpr(&scores, job.target_tpr)?;
     let sha = image_set_sha256(&files)?;
+    thresholds_from(job, meta, &scores, &predicted, "images", sha)
+}
+
+/// Scores the images of a dataset (`[data.val]`) through the threshold-less graph and computes the
+/// threshold(s). The calibration hash is the sha256 of every decoded image's size and pixels, in order.
+fn calibrate_on_dataset(
+    job: &ExportJob,
+    meta: &DetectorMetadata,
+    weights: &Weights,
+    source: &crate::data::DataSource,
+    progress: &dyn Progress,
+) -> Result<(Threshold, CalibrationInfo, Vec<String>)> {
+    let dataset = source.open()?;
+    let bytes = encode_model(&build(meta, weights, None)?);
+    let mut detector = Detector::from_bytes(&bytes, "detector (calibration pass)", &job.session)?;
+    let pre = detector.preprocessor();
+    let mut scores = Vec::with_capacity(dataset.len());
+    let mut predicted = Vec::with_capacity(dataset.len());
+    let mut hasher = Sha256::new();
+    progress.start("calibrate", dataset.len() as u64, 0);
+    let result = (|| -> Result<()> {
+        let indices: Vec<usize> = (0..dataset.len()).collect();
+        for chunk in indices.chunks(job.batch.max(1)) {
+            let mut prepared = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let img = dataset.get(i)?;
+                hasher.update((img.width() as u64).to_le_bytes());
+                hasher.update((img.height() as u64).to_le_bytes());
+                hasher.update(img.data());
+                prepared.push(pre.prepare(img).map_err(|e| Error::Data {
+                    path: source.path.clone(),
+                    line: None,
+                    msg: format!("{}: {e}", dataset.describe(i)),
+                })?);
+            }
+            let refs: Vec<&_> = prepared.iter().collect();
+            for s in detector.score(&refs)? {
+                scores.push(s.score);
+                predicted.push(s.class_index);
+            }
+            progress.advance(chunk.len() as u64);
+        }
+        Ok(())
+    })();
+    progress.finish();
+    result?;
+    let sha = hex(&hasher.finalize());
+    thresholds_from(job, meta, &scores, &predicted, "dataset", sha)
+}
+
+/// The global or per-class threshold(s) of ID calibration scores and their predicted classes.
+fn thresholds_from(
+    job: &ExportJob,
+    meta: &DetectorMetadata,
+    scores: &[f32],
+    predicted: &[usize],
+    source: &str,
+    sha: String,
+) -> Result<(Threshold, CalibrationInfo, Vec<String>)> {
+    let global = threshold_at_tpr(scores, job.target_tpr)?;
     if !job.per_class {
-        let info = info_of(&global, None, job.target_tpr, "images", sha);
+        let info = info_of(&global, None, job.target_tpr, source, sha);
         return Ok((Threshold::Global(global.threshold), info, Vec::new()));
     }
-    let per = per_class_thresholds(&scores, &predicted, meta.classes.len(), job.target_tpr)?;
+    let per = per_class_thresholds(scores, predicted, meta.classes.len(), job.target_tpr)?;
     let mut missing = Vec::new();
     let values: Vec<f32> = per
         .iter()
@@ -314,7 +387,7 @@ fn calibrate_on_images(
     // Achieved TPR of the per-class rule on the whole set: each image against its class's threshold.
     let accepted = scores
         .iter()
-        .zip(&predicted)
+        .zip(predicted)
         .filter(|&(&s, &c)| s >= values[c])
         .count();
     let overall = Calibrated {
@@ -322,13 +395,7 @@ fn calibrate_on_images(
         achieved_tpr: accepted as f64 / scores.len() as f64,
         count: scores.len(),
     };
-    let info = info_of(
-        &overall,
-        Some(values.clone()),
-        job.target_tpr,
-        "images",
-        sha,
-    );
+    let info = info_of(&overall, Some(values.clone()), job.target_tpr, source, sha);
     Ok((Threshold::PerClass(values), info, missing))
 }
 

@@ -83,7 +83,8 @@ pub struct CalibrationInfo {
     pub achieved_tpr: f64,
     /// Number of calibration scores.
     pub count: usize,
-    /// `images` (scored through the exported graph) or `scores` (a file of precomputed scores).
+    /// `images` or `dataset` (a config's `[data.val]`), both scored through the exported graph, or `scores`
+    /// (a file of precomputed scores).
     pub source: String,
     /// sha256 identifying the calibration set.
     pub sha256: String,
