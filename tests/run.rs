@@ -155,6 +155,10 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let cal = meta.calibration.expect("calibrated");
     assert_eq!((cal.source.as_str(), cal.count), ("dataset", 6));
     assert!(cal.achieved_tpr >= 0.95);
+    assert_eq!(
+        meta.training_config_sha256.as_ref().map(String::len),
+        Some(64)
+    );
 
     // Nothing changed: everything is up to date.
     let out = run_clean(dir.path(), &["run", cfg_arg], &[]);

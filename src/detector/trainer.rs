@@ -770,6 +770,17 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
     info.extra.insert("method".into(), cfg.method.name().into());
     info.extra.insert("settings".into(), settings.clone());
     info.extra.insert("score".into(), "energy".into());
+    // The hash `export` records as the training config's: sha256 of the settings JSON (train table, data,
+    // seed) this checkpoint was trained with.
+    let config_sha256: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(settings.to_string().as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    info.extra
+        .insert("config_sha256".into(), config_sha256.into());
     std::fs::create_dir_all(&job.out).map_err(|e| Error::io(&job.out, e))?;
     let run_json = serde_json::json!({
         "settings": settings,
