@@ -515,3 +515,52 @@ fn bad_inputs_are_named_errors() {
         "select = 45 boundary points but the class has only 40 rows",
     );
 }
+
+/// What the two filter modes keep, measured on real candidates (issue #4's proof): Gaussian candidates
+/// around 10 boundary points of a random unit bank, their k-th neighbour distances, and each kept
+/// candidate's percentile rank among its own boundary point's candidates. `intended` keeps each block's
+/// farthest (mean rank ≥ 0.95); the official index layout picks ranks that are effectively random (≈ 0.5).
+#[test]
+fn intended_keeps_the_farthest_candidates_of_each_block_and_official_does_not() {
+    use dream_ood::config::SampleMode;
+    use dream_ood::sampling::outliers::kept_indices;
+    use rand::{RngExt, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+
+    let (n, d, p, l, m, k) = (200usize, 32usize, 10usize, 60usize, 3usize, 20usize);
+    let mut rng = rand::rngs::ChaCha8Rng::seed_from_u64(5);
+    let gauss = |rng: &mut rand::rngs::ChaCha8Rng, count: usize| -> Vec<f32> {
+        (0..count).map(|_| StandardNormal.sample(rng)).collect()
+    };
+    let bank =
+        normalize_rows(&Tensor::from_slice(&gauss(&mut rng, n * d)).view([n as i64, d as i64]));
+    // Boundary points: any 10 rows (the filter's behaviour does not depend on how they were chosen).
+    let anchors: Vec<i64> = (0..p).map(|_| rng.random_range(0..n as i64)).collect();
+    let anchor_rows = bank.index_select(0, &Tensor::from_slice(&anchors)); // [P, D]
+    let noise = Tensor::from_slice(&gauss(&mut rng, l * d)).view([l as i64, d as i64]); // shared draws
+    let cand =
+        normalize_rows(&(anchor_rows.unsqueeze(1) + noise.unsqueeze(0) * 0.3).view([-1, d as i64]));
+    let kth = kth_distance(&cand, &bank, k, DEFAULT_CHUNK_BYTES).unwrap(); // [P·L]
+    let dist: Vec<f32> = Vec::try_from(&kth).unwrap();
+    let mean_rank = |mode: SampleMode| -> f64 {
+        let kept: Vec<i64> =
+            Vec::try_from(&kept_indices(&kth, p, l, m, mode, false).unwrap()).unwrap();
+        assert_eq!(kept.len(), p * m);
+        let ranks: Vec<f64> = kept
+            .iter()
+            .map(|&j| {
+                let block = j as usize / l;
+                let own = &dist[block * l..(block + 1) * l];
+                own.iter().filter(|&&x| x <= dist[j as usize]).count() as f64 / l as f64
+            })
+            .collect();
+        ranks.iter().sum::<f64>() / ranks.len() as f64
+    };
+    let intended = mean_rank(SampleMode::Intended);
+    let official = mean_rank(SampleMode::Official);
+    assert!(intended >= 0.95, "intended mean percentile rank {intended}");
+    assert!(
+        (0.3..0.75).contains(&official),
+        "official mean percentile rank {official}"
+    );
+}
