@@ -423,6 +423,29 @@ impl DataConfig {
         Ok(())
     }
 
+    /// Class names in label order: the `classes` file, else the names the training source carries, else
+    /// the label numbers `0..num_classes` (`num_classes` default: the largest label + 1).
+    pub fn class_names(
+        &self,
+        train: &dyn crate::data::Dataset,
+        num_classes: Option<usize>,
+    ) -> Result<Vec<String>> {
+        if let Some(path) = &self.classes {
+            let classes = crate::diffusion::classes::Classes::load(path)?;
+            return Ok(classes.classes.into_iter().map(|c| c.name).collect());
+        }
+        let n = num_classes.unwrap_or_else(|| {
+            (0..train.len())
+                .map(|i| train.label(i))
+                .max()
+                .map_or(0, |m| (m + 1).max(0) as usize)
+        });
+        if !train.classes().is_empty() && train.classes().len() == n {
+            return Ok(train.classes().to_vec());
+        }
+        Ok((0..n).map(|i| i.to_string()).collect())
+    }
+
     /// Resolves every source path and the classes file against `base`.
     fn resolve(&mut self, base: &Path) {
         for s in [&mut self.train, &mut self.test, &mut self.val]

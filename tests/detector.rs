@@ -745,7 +745,7 @@ fn bad_settings_are_clear_errors() {
     fails(
         "method = \"inlier_aug\"\n",
         &[],
-        &["train.outliers", "class 7", "3 ID classes"],
+        &["train.outliers", "label 7", "3 ID classes"],
     );
     // A folder of another run is not resumed with other settings.
     dataset(root, 4, 3);

@@ -149,6 +149,24 @@ pub(crate) fn handle_open_error(
     }
 }
 
+/// Fails, naming the config key `what` and the first sample at fault, when a label of `ds` is outside
+/// `0..num_classes`; `classes` says what the classes are ("ID classes", "class token embeddings").
+pub fn check_labels(ds: &dyn Dataset, num_classes: usize, what: &str, classes: &str) -> Result<()> {
+    for i in 0..ds.len() {
+        let label = ds.label(i);
+        if label < 0 || label as usize >= num_classes {
+            return Err(Error::InvalidValue {
+                key: what.into(),
+                msg: format!(
+                    "{} has label {label}, outside the {num_classes} {classes} (0..{num_classes})",
+                    ds.describe(i)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The error for an index past the end, which only a caller bug produces.
 pub(crate) fn index_error(index: usize, len: usize) -> Error {
     Error::InvalidValue {

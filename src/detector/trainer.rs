@@ -29,7 +29,7 @@ use super::loss::{self, LossParts, PhiHead};
 use super::vos::{self, FeatureQueue};
 use crate::data::loader::{Epoch, sample_seed};
 use crate::data::source::Format;
-use crate::data::{Batch, DataSource, Dataset, Loader, LoaderConfig, Pipeline};
+use crate::data::{Batch, DataSource, Dataset, Loader, LoaderConfig, Pipeline, check_labels};
 use crate::error::{Error, Result};
 use crate::nn::ResNetWithHead;
 use crate::nn::checkpoint::{self, CheckpointInfo, NetworkSpec};
@@ -246,36 +246,6 @@ struct Data {
     test: Option<Loader>,
 }
 
-/// Class names: the `[data] classes` file, else the names the format carries, else the label numbers.
-fn class_names(job: &TrainJob, train: &dyn Dataset) -> Result<Vec<String>> {
-    if let Some(path) = &job.data.classes {
-        let classes = crate::diffusion::classes::Classes::load(path)?;
-        return Ok(classes.classes.into_iter().map(|c| c.name).collect());
-    }
-    if !train.classes().is_empty() {
-        return Ok(train.classes().to_vec());
-    }
-    let max = (0..train.len()).map(|i| train.label(i)).max().unwrap_or(-1);
-    Ok((0..=max).map(|c| c.to_string()).collect())
-}
-
-/// Fails, naming `what`, when a label of `ds` is outside `0..num_classes`.
-fn check_labels(ds: &dyn Dataset, num_classes: usize, what: &str) -> Result<()> {
-    for i in 0..ds.len() {
-        let label = ds.label(i);
-        if label < 0 || label as usize >= num_classes {
-            return Err(Error::InvalidValue {
-                key: what.into(),
-                msg: format!(
-                    "{} has class {label}, outside the {num_classes} ID classes (0..{num_classes})",
-                    ds.describe(i)
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 fn open_data(job: &TrainJob) -> Result<Data> {
     let cfg = &job.train;
     let loader = |ds: Arc<dyn Dataset>,
@@ -302,7 +272,7 @@ fn open_data(job: &TrainJob) -> Result<Data> {
         msg: "training needs the ID training images: add a [data.train] table".into(),
     })?;
     let train = train_src.open()?;
-    let classes = class_names(job, train.as_ref())?;
+    let classes = job.data.class_names(train.as_ref(), None)?;
     if classes.len() < 2 {
         return Err(Error::InvalidValue {
             key: "data.train".into(),
@@ -313,7 +283,7 @@ fn open_data(job: &TrainJob) -> Result<Data> {
             ),
         });
     }
-    check_labels(train.as_ref(), classes.len(), "data.train")?;
+    check_labels(train.as_ref(), classes.len(), "data.train", "ID classes")?;
     let id = loader(
         train,
         job.data.train_pipeline(),
@@ -346,7 +316,7 @@ fn open_data(job: &TrainJob) -> Result<Data> {
             let src = DataSource::new(Format::Manifest, dir.clone());
             let ds = src.open()?;
             if cfg.method == Method::InlierAug {
-                check_labels(ds.as_ref(), classes.len(), "train.outliers")?;
+                check_labels(ds.as_ref(), classes.len(), "train.outliers", "ID classes")?;
             }
             tracing::info!(images = ds.len(), folder = %dir.display(), "generated images");
             Some(loader(
@@ -363,7 +333,7 @@ fn open_data(job: &TrainJob) -> Result<Data> {
         None => None,
         Some(src) => {
             let ds = src.open()?;
-            check_labels(ds.as_ref(), classes.len(), "data.test")?;
+            check_labels(ds.as_ref(), classes.len(), "data.test", "ID classes")?;
             Some(loader(
                 ds,
                 job.data.eval_pipeline(),

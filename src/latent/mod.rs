@@ -34,7 +34,7 @@ use tch::{Device, Kind, Tensor};
 pub use config::{BankTransform, LatentConfig};
 
 use crate::config::DataConfig;
-use crate::data::{Dataset, Loader, LoaderConfig};
+use crate::data::{Dataset, Loader, LoaderConfig, check_labels};
 use crate::diffusion::classes::Classes;
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
@@ -99,29 +99,8 @@ fn npy_bytes<T: WriteNpyExt>(a: &T) -> Vec<u8> {
     out
 }
 
-fn need_source(data: &DataConfig, which: &str) -> Result<crate::data::DataSource> {
-    let src = match which {
-        "train" => data.train.clone(),
-        _ => data.test.clone(),
-    };
-    src.ok_or_else(|| Error::InvalidValue {
-        key: format!("data.{which}"),
-        msg: "stage 1 needs the ID training images: add a [data.train] table".into(),
-    })
-}
-
-/// Class names in label order: the classes file, else the dataset's, else the label numbers.
-fn class_names(data: &DataConfig, dataset: &dyn Dataset, n: usize) -> Result<Vec<String>> {
-    if let Some(path) = &data.classes {
-        let classes = Classes::load(path)?;
-        return Ok(classes.classes.into_iter().map(|c| c.name).collect());
-    }
-    let from_data = dataset.classes();
-    if from_data.len() == n {
-        return Ok(from_data.to_vec());
-    }
-    Ok((0..n).map(|i| i.to_string()).collect())
-}
+/// What the labels index in stage 1 (for label errors).
+const TOKEN_ROWS: &str = "class token embeddings";
 
 /// Reads or computes T, and writes `tokens.npy` + `tokens.json` into the output folder.
 fn prepare_tokens(job: &LatentJob) -> Result<(Array2<f32>, PathBuf)> {
@@ -187,32 +166,23 @@ fn to_tensor(a: &Array2<f32>, device: Device) -> Tensor {
         .to_device(device)
 }
 
-/// Checks that every label fits the token table, naming the first sample that does not.
-fn check_labels(dataset: &dyn Dataset, classes: usize, what: &str) -> Result<()> {
-    for i in 0..dataset.len() {
-        let l = dataset.label(i);
-        if l < 0 || l as usize >= classes {
-            return Err(Error::InvalidValue {
-                key: what.into(),
-                msg: format!(
-                    "sample {} has label {l}, but there are {classes} class token embeddings",
-                    dataset.describe(i)
-                ),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Runs stage 1 (training with resume, test accuracy, feature bank).
 pub fn run(job: &LatentJob, progress: &dyn Progress) -> Result<LatentReport> {
     let started = Instant::now();
     let s = &job.settings;
     let (tokens, tokens_path) = prepare_tokens(job)?;
     let (c, d) = tokens.dim();
-    let train_set = need_source(&job.data, "train")?.open()?;
-    check_labels(train_set.as_ref(), c, "data.train")?;
-    let names = class_names(&job.data, train_set.as_ref(), c)?;
+    let train_set = job
+        .data
+        .train
+        .as_ref()
+        .ok_or_else(|| Error::InvalidValue {
+            key: "data.train".into(),
+            msg: "stage 1 needs the ID training images: add a [data.train] table".into(),
+        })?
+        .open()?;
+    check_labels(train_set.as_ref(), c, "data.train", TOKEN_ROWS)?;
+    let names = job.data.class_names(train_set.as_ref(), Some(c))?;
     if names.len() != c {
         return Err(Error::InvalidValue {
             key: "data.classes".into(),
@@ -331,7 +301,7 @@ pub fn run(job: &LatentJob, progress: &dyn Progress) -> Result<LatentReport> {
     let test_top1 = match &job.data.test {
         Some(src) => {
             let test_set = src.open()?;
-            check_labels(test_set.as_ref(), c, "data.test")?;
+            check_labels(test_set.as_ref(), c, "data.test", TOKEN_ROWS)?;
             Some(nearest_token_accuracy(job, &net, &tokens_unit, test_set)?)
         }
         None => None,
