@@ -58,6 +58,26 @@ fn fill_rect(
 }
 
 /// A line `width` pixels wide; `dash` > 0 draws dashes of that many pixels.
+/// The x axis along the bottom and the y axis along the left of the plot box `(x0, y0)`–`(x1, y1)`.
+fn axes(img: &mut RgbImage, (x0, y0): (i64, i64), (x1, y1): (i64, i64)) {
+    line(
+        img,
+        (x0 as f64, y1 as f64),
+        (x1 as f64, y1 as f64),
+        BLACK,
+        1,
+        0,
+    );
+    line(
+        img,
+        (x0 as f64, y0 as f64),
+        (x0 as f64, y1 as f64),
+        BLACK,
+        1,
+        0,
+    );
+}
+
 fn line(img: &mut RgbImage, a: (f64, f64), b: (f64, f64), c: Rgb<u8>, width: i64, dash: usize) {
     let steps = ((b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil() as usize).max(1);
     for i in 0..=steps {
@@ -176,22 +196,7 @@ pub fn histograms(path: &Path, title: &str, id: &[f64], oods: &[(String, Vec<f64
                 fill_rect(&mut img, (bx, y1 - h), (bx1, y1), c, 0.55);
             }
         }
-        line(
-            &mut img,
-            (x0 as f64, y1 as f64),
-            (x1 as f64, y1 as f64),
-            BLACK,
-            1,
-            0,
-        );
-        line(
-            &mut img,
-            (x0 as f64, y0 as f64),
-            (x0 as f64, y1 as f64),
-            BLACK,
-            1,
-            0,
-        );
+        axes(&mut img, (x0, y0), (x1, y1));
         for (i, v) in [lo, (lo + hi) / 2.0, hi].into_iter().enumerate() {
             let s = fmt_num(v);
             let x = x0 + (x1 - x0) * i as i64 / 2;
@@ -274,22 +279,7 @@ pub fn roc_curves(path: &Path, title: &str, id: &[f64], oods: &[(String, Vec<f64
             c,
         );
     }
-    line(
-        &mut img,
-        (x0 as f64, y1 as f64),
-        (x1 as f64, y1 as f64),
-        BLACK,
-        1,
-        0,
-    );
-    line(
-        &mut img,
-        (x0 as f64, y0 as f64),
-        (x0 as f64, y1 as f64),
-        BLACK,
-        1,
-        0,
-    );
+    axes(&mut img, (x0, y0), (x1, y1));
     for i in 0..=4 {
         let v = i as f64 / 4.0;
         let (x, y) = px((v, v));
