@@ -143,7 +143,11 @@ fn latent_writes_model_bank_and_log_and_resumes_exactly() {
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let acc = summary["test_nearest_token_top1"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&acc));
+    // Three colour-separable classes: stage 1 learns them well above chance (1/3) in 3 epochs (0.67 here).
+    assert!(
+        acc > 0.5,
+        "nearest-token accuracy {acc}: stage 1 did not learn"
+    );
 
     // The checkpoint loads into the network it describes.
     let info = checkpoint::read_info(&run.join("model.safetensors")).unwrap();
