@@ -21,7 +21,7 @@
 //! devices, `doctor`), [`data`] (datasets, torchvision-exact transforms, the loader), [`nn`] (PyTorch-compatible
 //! ResNets, checkpoints, the optimiser and training files), [`latent`] (stage 1), [`sampling`] (stage 2), [`detector`] (stage 4: the OOD detector's training loop, losses, VOS), [`diffusion`] (stage 3: schedulers, the SD pipeline on ONNX Runtime and
 //! the `generate` job), [`onnx`] (ONNX files, graph builder, the SD text-encoder edit, the detector exporter),
-//! [`eval`] (exact OOD metrics), [`deploy`] (stages 6–7: export with threshold calibration, `score`, `serve`),
+//! [`eval`] (stage 5: OOD scores, exact metrics, reports), [`pipeline`] (`run`: the stages in one run folder), [`deploy`] (stages 6–7: export with threshold calibration, `score`, `serve`),
 //! [`progress`] (progress events) and [`error`]. The README's status table says
 //! what each stage still lacks.
 
