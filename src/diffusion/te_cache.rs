@@ -66,6 +66,39 @@ pub enum Edited {
     },
 }
 
+/// [`folder_key`] remembered per folder for this process, so that the workers of one job (each loading
+/// its own sessions) hash a 490 MB export once, not once each. Keyed by the files' names, sizes and
+/// modification times, so an export replaced mid-process is hashed again.
+fn memo_key(dir: &Path) -> Result<String> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static MEMO: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    let mut stamp = format!("{}\n", dir.display());
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let meta = e.metadata().map_err(|err| Error::io(e.path(), err))?;
+        stamp.push_str(&format!(
+            "{:?} {} {:?}\n",
+            e.file_name(),
+            meta.len(),
+            meta.modified().ok()
+        ));
+    }
+    let memo = MEMO.get_or_init(Default::default);
+    if let Some(key) = memo.lock().unwrap_or_else(|p| p.into_inner()).get(&stamp) {
+        return Ok(key.clone());
+    }
+    let key = folder_key(dir)?;
+    memo.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(stamp, key.clone());
+    Ok(key)
+}
+
 /// sha256 over the folder's files (sorted by name, `config.json` left out), with names and lengths.
 fn folder_key(dir: &Path) -> Result<String> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -203,7 +236,7 @@ pub fn edited_text_encoder(path: &Path, root: Option<&Path>) -> Result<Edited> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let entry = match root {
         Some(root) => {
-            let key = folder_key(dir)?;
+            let key = memo_key(dir)?;
             Some(root.join("text-encoder").join(key))
         }
         None => None,
