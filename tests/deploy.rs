@@ -64,6 +64,7 @@ fn spec(depth: Depth, stem: Stem, classes: i64) -> NetworkSpec {
         depth,
         stem,
         in_channels: 3,
+        width: 64,
         head: "fc".into(),
         out_dim: classes,
     }

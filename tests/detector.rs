@@ -233,6 +233,7 @@ fn regulariser_reaches_the_backbone_and_phi_is_optimised() {
             depth: Depth::Resnet18,
             stem: Stem::Cifar,
             in_channels: 3,
+            width: 64,
             head: "fc".into(),
             out_dim: 3,
         };

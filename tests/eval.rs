@@ -122,6 +122,7 @@ pub fn filled_resnet18(num_classes: i64) -> (tch::nn::VarStore, ResNetWithHead) 
         depth: Depth::Resnet18,
         stem: Stem::Cifar,
         in_channels: 3,
+        width: 64,
     };
     let net = ResNetWithHead::new(&vs.root(), &cfg, "fc", num_classes);
     tch::no_grad(|| {
@@ -275,6 +276,7 @@ fn tiny_checkpoint(path: &Path, method: &str) {
         depth: Depth::Resnet18,
         stem: Stem::Cifar,
         in_channels: 3,
+        width: 64,
         head: "fc".into(),
         out_dim: 3,
     };
@@ -597,6 +599,7 @@ fn eval_refuses_a_checkpoint_without_a_classifier_head() {
         depth: Depth::Resnet18,
         stem: Stem::Cifar,
         in_channels: 3,
+        width: 64,
         head: "trans".into(),
         out_dim: 8,
     };

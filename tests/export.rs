@@ -13,12 +13,18 @@ use tch::{Device, Kind, Tensor};
 
 /// A network with deterministic weights and non-trivial BatchNorm statistics (so folding is really
 /// exercised). No RNG: libtorch's generator is global and tests run in parallel.
-fn network(depth: Depth, stem: Stem, classes: i64) -> (tch::nn::VarStore, ResNetWithHead) {
+fn network(
+    depth: Depth,
+    stem: Stem,
+    width: i64,
+    classes: i64,
+) -> (tch::nn::VarStore, ResNetWithHead) {
     let vs = tch::nn::VarStore::new(Device::Cpu);
     let cfg = ResNetConfig {
         depth,
         stem,
         in_channels: 3,
+        width,
     };
     let net = ResNetWithHead::new(&vs.root(), &cfg, "fc", classes);
     tch::no_grad(|| {
@@ -85,9 +91,18 @@ fn to_vec(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn every_resnet_exports_with_libtorch_parity() {
-    for depth in [Depth::Resnet18, Depth::Resnet34, Depth::Resnet50] {
-        for stem in [Stem::Cifar, Stem::Imagenet] {
-            let (vs, net) = network(depth, stem, 10);
+    let standard = [Depth::Resnet18, Depth::Resnet34, Depth::Resnet50]
+        .into_iter()
+        .flat_map(|d| [(d, Stem::Cifar, 64), (d, Stem::Imagenet, 64)]);
+    // Narrow networks (the demo's width 16) too: the exporter must take every width from the weights.
+    let narrow = [
+        (Depth::Resnet18, Stem::Cifar, 16),
+        (Depth::Resnet50, Stem::Imagenet, 8),
+    ];
+    for (depth, stem, width) in standard.chain(narrow) {
+        {
+            let (vs, net) = network(depth, stem, width, 10);
+            assert_eq!(net.encoder.feature_dim(), depth.feature_dim(width));
             let x = image_batch(3);
             let logits = tch::no_grad(|| net.head(&net.features(&x, false)));
             let want_energy = logits.logsumexp(1, false);
@@ -97,6 +112,7 @@ fn every_resnet_exports_with_libtorch_parity() {
                     depth,
                     stem,
                     in_channels: 3,
+                    width,
                 },
                 head: "fc".to_owned(),
                 score: ScoreKind::Energy { temperature: 1.0 },
@@ -127,7 +143,7 @@ fn every_resnet_exports_with_libtorch_parity() {
             let scale = logits.abs().max().double_value(&[]).max(1.0) as f32;
             assert!(
                 dl <= 1e-4 * scale && ds <= 1e-4 * scale,
-                "{depth:?}/{stem:?}: max |diff| logits {dl:e}, energy {ds:e} (max |logit| {scale})"
+                "{depth:?}/{stem:?}/width {width}: max |diff| logits {dl:e}, energy {ds:e} (max |logit| {scale})"
             );
         }
     }
@@ -135,7 +151,7 @@ fn every_resnet_exports_with_libtorch_parity() {
 
 #[test]
 fn scores_threshold_and_baked_preprocessing() {
-    let (vs, net) = network(Depth::Resnet18, Stem::Cifar, 5);
+    let (vs, net) = network(Depth::Resnet18, Stem::Cifar, 64, 5);
     let weights = named_weights(&vs).unwrap();
     let pre = Preprocess {
         mean: [0.5071, 0.4865, 0.4409],
@@ -172,6 +188,7 @@ fn scores_threshold_and_baked_preprocessing() {
                 depth: Depth::Resnet18,
                 stem: Stem::Cifar,
                 in_channels: 3,
+                width: 64,
             },
             head: "fc".to_owned(),
             score: kind,
@@ -212,12 +229,13 @@ fn scores_threshold_and_baked_preprocessing() {
 
 #[test]
 fn missing_or_misshapen_weights_are_named() {
-    let (vs, _net) = network(Depth::Resnet18, Stem::Cifar, 4);
+    let (vs, _net) = network(Depth::Resnet18, Stem::Cifar, 64, 4);
     let spec = ClassifierExport {
         arch: ResNetConfig {
             depth: Depth::Resnet18,
             stem: Stem::Cifar,
             in_channels: 3,
+            width: 64,
         },
         head: "fc".to_owned(),
         score: ScoreKind::MaxLogit,

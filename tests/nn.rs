@@ -34,6 +34,7 @@ fn build(depth: Depth, stem: Stem) -> (tch::nn::VarStore, ResNetWithHead) {
         depth,
         stem,
         in_channels: 3,
+        width: 64,
     };
     let net = ResNetWithHead::new(&vs.root(), &cfg, "fc", 10);
     (vs, net)
@@ -164,6 +165,7 @@ fn checkpoints_have_the_pytorch_state_dict_keys() {
                 depth,
                 stem,
                 in_channels: 3,
+                width: 64,
                 head: "fc".into(),
                 out_dim: 10,
             };

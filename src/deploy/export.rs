@@ -482,6 +482,7 @@ fn resolve_network(
                 depth,
                 stem,
                 in_channels: dim("encoder.conv1.weight", 1)? as i64,
+                width: dim("encoder.conv1.weight", 0)? as i64,
                 head: "fc".to_owned(),
                 out_dim: dim("fc.weight", 0)? as i64,
             };

@@ -385,6 +385,7 @@ mod tests {
                 depth: Depth::Resnet18,
                 stem: Stem::Imagenet,
                 in_channels: 3,
+                width: 64,
                 head: "fc".into(),
                 out_dim: 3,
             },

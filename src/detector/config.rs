@@ -149,6 +149,8 @@ pub struct TrainConfig {
     pub depth: Depth,
     /// `cifar` (default; the official networks use it at every size, SPEC §7 item 12) or `imagenet`.
     pub stem: Stem,
+    /// Channels of the first stage (later stages double it). Default 64, the standard ResNet.
+    pub width: i64,
     /// Epochs. Default 200 (CIFAR; ImageNet-100: 20).
     pub epochs: u64,
     /// Initial learning rate of the per-step cosine schedule. Default 0.1 (ImageNet-100: 0.001).
@@ -196,6 +198,7 @@ impl Default for TrainConfig {
             method: Method::DreamOod,
             depth: Depth::Resnet34,
             stem: Stem::Cifar,
+            width: crate::nn::arch::STANDARD_WIDTH,
             epochs: 200,
             lr: 0.1,
             lr_min: 1e-6,
@@ -241,6 +244,7 @@ impl TrainConfig {
             ("epochs", self.epochs as usize),
             ("batch", self.batch),
             ("outlier_batch", self.outlier_batch),
+            ("width", self.width.max(0) as usize),
             ("vos.queue", self.vos.queue),
             ("vos.samples", self.vos.samples),
             ("vos.select", self.vos.select),

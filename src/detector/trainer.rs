@@ -681,6 +681,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
         depth: cfg.depth,
         stem: cfg.stem,
         in_channels: job.data.channels as i64,
+        width: cfg.width,
         head: "fc".into(),
         out_dim: num_classes as i64,
     };

@@ -33,6 +33,8 @@ pub struct LatentConfig {
     pub depth: Depth,
     /// Stem. Default `cifar` (the official models use it at every image size).
     pub stem: Stem,
+    /// Channels of the first stage (later stages double it). Default 64, the standard ResNet.
+    pub width: i64,
     /// Epochs. Default 200.
     pub epochs: u64,
     /// Initial learning rate. Default 0.1.
@@ -62,6 +64,7 @@ impl Default for LatentConfig {
             sd_model: None,
             depth: Depth::Resnet34,
             stem: Stem::Cifar,
+            width: crate::nn::arch::STANDARD_WIDTH,
             epochs: 200,
             lr: 0.1,
             lr_min: 1e-6,
@@ -83,6 +86,7 @@ impl LatentConfig {
             ("epochs", self.epochs as usize),
             ("batch", self.batch),
             ("bank_per_class", self.bank_per_class),
+            ("width", self.width.max(0) as usize),
         ] {
             if v == 0 {
                 return Err((key, "must be at least 1, got 0".into()));

@@ -200,6 +200,7 @@ pub fn run(job: &LatentJob, progress: &dyn Progress) -> Result<LatentReport> {
         depth: s.depth,
         stem: s.stem,
         in_channels: job.data.channels as i64,
+        width: s.width,
         head: "trans".into(),
         out_dim: d as i64,
     };

@@ -22,9 +22,14 @@ impl Depth {
         }
     }
 
-    /// Width of the penultimate features: 512 (basic blocks) or 2048 (bottlenecks).
-    pub fn feature_dim(self) -> i64 {
-        if self.layout().1 { 2048 } else { 512 }
+    /// Width of the penultimate features for a given [`ResNetConfig::width`]: 8 × width (basic blocks;
+    /// 512 at the standard 64) or 32 × width (bottlenecks; 2048).
+    pub fn feature_dim(self, width: i64) -> i64 {
+        if self.layout().1 {
+            32 * width
+        } else {
+            8 * width
+        }
     }
 }
 
@@ -72,4 +77,23 @@ pub struct ResNetConfig {
     pub stem: Stem,
     /// Input channels (3; gray images are repeated to 3 by the data loader).
     pub in_channels: i64,
+    /// Channels of the stem and the first stage; the later stages double it (2×, 4×, 8×). The standard
+    /// ResNets (and every official Dream-OOD model) use [`STANDARD_WIDTH`]; a narrower network trades
+    /// accuracy for speed on small images and CPUs (the embedded demo uses 16).
+    pub width: i64,
+}
+
+/// The ResNet paper's width: 64 channels in the first stage, 512 (or 2048) penultimate features.
+pub const STANDARD_WIDTH: i64 = 64;
+
+/// Serde default of a `width` field, so that files written before the field existed read as standard.
+pub fn standard_width() -> i64 {
+    STANDARD_WIDTH
+}
+
+impl ResNetConfig {
+    /// Output channels of stage `i` (0-based) before the bottleneck expansion.
+    pub fn planes(&self, stage: usize) -> i64 {
+        self.width << stage
+    }
 }

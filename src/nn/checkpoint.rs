@@ -38,6 +38,9 @@ pub struct NetworkSpec {
     pub stem: Stem,
     /// Input channels of `encoder.conv1`.
     pub in_channels: i64,
+    /// Output channels of `encoder.conv1` ([`ResNetConfig::width`]); absent in older files, which are 64.
+    #[serde(default = "super::arch::standard_width")]
+    pub width: i64,
     /// Name of the linear head: `fc` (classifier logits) or `trans` (the stage-1 text-aligned projection).
     pub head: String,
     /// Outputs of the head: classes for `fc`, the token-embedding width for `trans`.
@@ -51,6 +54,7 @@ impl NetworkSpec {
             depth: self.depth,
             stem: self.stem,
             in_channels: self.in_channels,
+            width: self.width,
         }
     }
 
@@ -423,6 +427,7 @@ mod tests {
             depth: Depth::Resnet18,
             stem: Stem::Cifar,
             in_channels: 3,
+            width: 64,
             head: "fc".into(),
             out_dim: 10,
         }
@@ -441,6 +446,19 @@ mod tests {
                 t.copy_(&v);
             }
         });
+    }
+
+    #[test]
+    fn network_spec_written_before_width_existed_reads_as_standard_width() {
+        let old = r#"{"depth":"resnet18","stem":"cifar","in_channels":3,"head":"fc","out_dim":10}"#;
+        let spec: NetworkSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.width, 64);
+        assert_eq!(
+            spec.build(&nn::VarStore::new(tch::Device::Cpu).root())
+                .encoder
+                .feature_dim(),
+            512
+        );
     }
 
     #[test]

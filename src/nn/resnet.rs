@@ -165,17 +165,15 @@ impl ResNet {
     /// Builds the backbone under `p` (callers pass `root / "encoder"` for the official names).
     pub fn new(p: &nn::Path, cfg: &ResNetConfig) -> ResNet {
         let (blocks, bottleneck) = cfg.depth.layout();
+        let w = cfg.width;
         let conv1 = match cfg.stem {
-            Stem::Cifar => conv(p / "conv1", cfg.in_channels, 64, 3, 1, 1),
-            Stem::Imagenet => conv(p / "conv1", cfg.in_channels, 64, 7, 2, 3),
+            Stem::Cifar => conv(p / "conv1", cfg.in_channels, w, 3, 1, 1),
+            Stem::Imagenet => conv(p / "conv1", cfg.in_channels, w, 7, 2, 3),
         };
-        let mut c_in = 64;
+        let mut c_in = w;
         let mut stages = Vec::with_capacity(4);
-        for (i, (&n, (planes, stride))) in blocks
-            .iter()
-            .zip([(64, 1), (128, 2), (256, 2), (512, 2)])
-            .enumerate()
-        {
+        for (i, &n) in blocks.iter().enumerate() {
+            let (planes, stride) = (cfg.planes(i), if i == 0 { 1 } else { 2 });
             let layer = p / format!("layer{}", i + 1);
             let mut stage = Vec::with_capacity(n);
             for j in 0..n {
@@ -187,7 +185,7 @@ impl ResNet {
         }
         ResNet {
             conv1,
-            bn1: bn(p / "bn1", 64),
+            bn1: bn(p / "bn1", w),
             stages,
             stem: cfg.stem,
             feature_dim: c_in,

@@ -282,6 +282,7 @@ mod tests {
             depth: Depth::Resnet18,
             stem: Stem::Cifar,
             in_channels: 3,
+            width: 64,
             head: "fc".into(),
             out_dim: 2,
         };

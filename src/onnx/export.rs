@@ -303,12 +303,9 @@ impl Exporter<'_> {
             out = pooled;
         }
         let (blocks, bottleneck) = arch.depth.layout();
-        let mut c_in = 64usize;
-        for (i, (&n, (planes, stride))) in blocks
-            .iter()
-            .zip([(64usize, 1i64), (128, 2), (256, 2), (512, 2)])
-            .enumerate()
-        {
+        let mut c_in = arch.width as usize;
+        for (i, &n) in blocks.iter().enumerate() {
+            let (planes, stride) = (arch.planes(i) as usize, if i == 0 { 1i64 } else { 2 });
             for j in 0..n {
                 let p = format!("encoder.layer{}.{j}", i + 1);
                 let stride = if j == 0 { stride } else { 1 };
