@@ -42,6 +42,8 @@ pub struct Config {
     pub eval: crate::eval::config::EvalConfig,
     /// Stage 4: training the OOD detector.
     pub train: crate::detector::TrainConfig,
+    /// Export of the trained detector to ONNX (`dream-ood export CONFIG`, the `export` stage of `run`).
+    pub export: crate::deploy::ExportConfig,
 }
 
 /// `[run]`: where results go, the seed and the compute device.
@@ -257,6 +259,23 @@ pub enum Augment {
     None,
 }
 
+/// `[data] id_blur`: see [`DataConfig::id_blur`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlurConfig {
+    /// Probability of blurring an image.
+    pub p: f64,
+    /// σ is drawn uniformly from `[lo, hi]` (pixels).
+    pub sigma: [f64; 2],
+    /// Odd window side. Default 5.
+    #[serde(default = "default_blur_kernel")]
+    pub kernel: usize,
+}
+
+fn default_blur_kernel() -> usize {
+    5
+}
+
 /// `[data]`: the datasets (see [`crate::data::source`] for a source's keys) and how images become network
 /// inputs. Defaults are the CIFAR settings of the official code.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,6 +309,17 @@ pub struct DataConfig {
     pub mean: Vec<f64>,
     /// Per-channel std on the 0..1 scale. Default CIFAR's `[63.0, 62.1, 66.7] / 255`.
     pub std: Vec<f64>,
+    /// Random Gaussian blur of ID training images, e.g. `{ p = 0.5, sigma = [0.1, 2.0], kernel = 5 }`
+    /// (torchvision `RandomApply([GaussianBlur(kernel, sigma)], p)`, after the augmentation; never applied
+    /// to generated outliers). A generator whose images are smoother than real ones (the demo's small SD)
+    /// lets the regulariser learn "blurry = outlier", which flags blurred ID images and passes sharp OOD
+    /// ones; blurring some ID images takes that cue away. Default none (the official code has no blur).
+    pub id_blur: Option<BlurConfig>,
+    /// Convert generated outliers to gray (PIL luma) before training. Set it when the ID images are gray
+    /// (Fashion-MNIST, MNIST): Stable Diffusion decodes RGB with a little colour in every image, which no
+    /// ID image has, and the detector then learns "colour = outlier" instead of the boundary of the
+    /// classes. Stage 4 warns when the ID images are gray and this is off. Default false.
+    pub outlier_gray: bool,
 }
 
 impl Default for DataConfig {
@@ -308,6 +338,8 @@ impl Default for DataConfig {
             eval_resize: 0,
             mean: n.mean,
             std: n.std,
+            id_blur: None,
+            outlier_gray: false,
         }
     }
 }
@@ -322,6 +354,19 @@ impl DataConfig {
 
     /// The training pipeline of ID images.
     pub fn train_pipeline(&self) -> Pipeline {
+        let mut p = self.augment_pipeline();
+        if let Some(b) = &self.id_blur {
+            p.transforms.push(Transform::RandomGaussianBlur {
+                kernel: b.kernel,
+                sigma: (b.sigma[0], b.sigma[1]),
+                p: b.p,
+            });
+        }
+        p
+    }
+
+    /// The `augment` steps (no blur) with ToTensor + Normalize.
+    fn augment_pipeline(&self) -> Pipeline {
         let (s, padding) = (self.size, self.padding);
         let crop = Transform::RandomCrop {
             height: s,
@@ -351,11 +396,14 @@ impl DataConfig {
     }
 
     /// The training pipeline of generated outliers: Resize(shorter side = size) first (SPEC §7 item 11),
-    /// then the ID augmentation.
+    /// Grayscale when `outlier_gray`, then the ID augmentation.
     pub fn outlier_pipeline(&self) -> Pipeline {
-        let mut p = self.train_pipeline();
+        let mut p = self.augment_pipeline();
         p.transforms
             .insert(0, Transform::Resize(Size::Shorter(self.size)));
+        if self.outlier_gray {
+            p.transforms.insert(1, Transform::Grayscale);
+        }
         p
     }
 
@@ -381,6 +429,23 @@ impl DataConfig {
 
     /// Checks ranges; an error names the field.
     pub fn check(&self) -> std::result::Result<(), (String, String)> {
+        if let Some(b) = &self.id_blur {
+            let ok = b.kernel % 2 == 1
+                && b.sigma[0] > 0.0
+                && b.sigma[0] <= b.sigma[1]
+                && b.sigma[1].is_finite()
+                && (0.0..=1.0).contains(&b.p);
+            if !ok {
+                return Err((
+                    "id_blur".into(),
+                    format!(
+                        "kernel {}, sigma {:?}, p {}; expected an odd kernel, 0 < sigma[0] ≤ sigma[1] and \
+                         0 ≤ p ≤ 1",
+                        b.kernel, b.sigma, b.p
+                    ),
+                ));
+            }
+        }
         if !matches!(self.channels, 1 | 3) {
             return Err((
                 "channels".into(),
@@ -460,7 +525,7 @@ impl DataConfig {
         if let Some(p) = &mut self.classes
             && p.is_relative()
         {
-            *p = base.join(&*p);
+            *p = join_clean(base, p);
         }
     }
 }
@@ -545,7 +610,7 @@ impl Config {
         config.validate(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         if config.run.out_dir.is_relative() {
-            config.run.out_dir = base.join(&config.run.out_dir);
+            config.run.out_dir = join_clean(base, &config.run.out_dir);
         }
         config.data.resolve(base);
         let latent = &mut config.latent;
@@ -554,13 +619,22 @@ impl Config {
             .flatten()
         {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = join_clean(base, p);
             }
         }
         if let Some(p) = &mut config.eval.out
             && p.is_relative()
         {
-            *p = base.join(&*p);
+            *p = join_clean(base, p);
+        }
+        let train = &mut config.train;
+        for p in [&mut train.init, &mut train.out, &mut train.outliers]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = join_clean(base, p);
+            }
         }
         let sample = &mut config.sample;
         for p in [&mut sample.bank, &mut sample.tokens, &mut sample.out]
@@ -568,10 +642,36 @@ impl Config {
             .flatten()
         {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = join_clean(base, p);
             }
         }
         Ok(config)
+    }
+
+    /// The detector methods a run trains: `[run] methods`, or `[train] method` alone when that is empty.
+    pub fn trained_methods(&self) -> Vec<crate::detector::Method> {
+        if self.run.methods.is_empty() {
+            vec![self.train.method]
+        } else {
+            self.run.methods.clone()
+        }
+    }
+
+    /// The method `[export]` exports ([`crate::deploy::ExportConfig::method_or`]).
+    pub fn export_method(&self) -> crate::detector::Method {
+        self.export
+            .method_or(&self.trained_methods(), self.train.method)
+    }
+
+    /// Where the exported method's `model.safetensors` is: `<out_dir>/train/<method>/`, as `run` and
+    /// `train` write it, or `[train] out` when that names the folder of the very method exported.
+    pub fn detector_checkpoint(&self) -> PathBuf {
+        let method = self.export_method();
+        match &self.train.out {
+            Some(out) if method == self.train.method => out.clone(),
+            _ => self.run.out_dir.join("train").join(method.name()),
+        }
+        .join("model.safetensors")
     }
 
     /// Parses TOML text; `path` is used only in error messages.
@@ -605,7 +705,35 @@ impl Config {
         if let Err((field, msg)) = self.train.check() {
             return Err(bad(&format!("train.{field}"), msg));
         }
+        if let Err((field, msg)) = self.export.check() {
+            return Err(bad(&format!("export.{field}"), msg));
+        }
         Ok(())
+    }
+}
+
+/// `base/p` with `dir/..` pairs folded away (`configs/../runs/demo` → `runs/demo`), so that the paths a run
+/// prints and records read as the user would write them. Purely lexical: a `..` after a symlinked folder
+/// is folded too, as the shell's `cd` does.
+pub fn join_clean(base: &Path, p: &Path) -> PathBuf {
+    use std::path::Component;
+    let joined = base.join(p);
+    let mut out: Vec<Component> = Vec::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.last(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            // `/..` is `/`.
+            Component::ParentDir if matches!(out.last(), Some(Component::RootDir)) => {}
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        PathBuf::from(".")
+    } else {
+        out.iter().collect()
     }
 }
 
@@ -712,6 +840,17 @@ mod tests {
             Ok(_) => panic!("expected an error for:\n{text}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn join_clean_folds_parent_steps_lexically() {
+        let j = |b: &str, p: &str| join_clean(Path::new(b), Path::new(p));
+        assert_eq!(j("configs", "../runs/demo"), PathBuf::from("runs/demo"));
+        assert_eq!(j("configs", "./a/./b"), PathBuf::from("configs/a/b"));
+        assert_eq!(j("", "../x"), PathBuf::from("../x"));
+        assert_eq!(j("/a/b", "../../../c"), PathBuf::from("/c"));
+        assert_eq!(j("configs", ".."), PathBuf::from("."));
+        assert_eq!(j("x", "/abs/p"), PathBuf::from("/abs/p"));
     }
 
     #[test]

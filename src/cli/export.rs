@@ -8,13 +8,15 @@ use dream_ood::data::Pipeline;
 use dream_ood::deploy::{CalibrationSet, ExportJob, NetworkOverride};
 use dream_ood::diffusion::session::SessionOptions;
 use dream_ood::nn::{Depth, Stem};
-use dream_ood::onnx::export::ScoreKind;
+use dream_ood::deploy::config::parse_score;
 
 /// Flags of `export`.
 #[derive(Debug, clap::Args)]
 pub struct ExportArgs {
-    /// A run config: the checkpoint defaults to the model `train` wrote for [train] method, the output to
-    /// <run.out_dir>/export/detector.onnx, and [data.val] (a held-out ID split) calibrates the threshold.
+    /// A run config: the checkpoint defaults to the model `train` or `run` wrote for [export] method (default
+    /// dream_ood when [run] methods has it, else [train] method), the output to
+    /// <run.out_dir>/export/detector.onnx, [data.val] (a held-out ID split) calibrates the threshold, and
+    /// [export] gives the defaults of the flags below.
     config: Option<PathBuf>,
     /// The checkpoint (.safetensors): a dream-ood detector, or a PyTorch state_dict with --arch/--stem.
     #[arg(long, required_unless_present = "config")]
@@ -37,13 +39,13 @@ pub struct ExportArgs {
     #[arg(long, value_name = "cifar|imagenet|FILE")]
     transform: Option<String>,
     /// The OOD score: energy (T·logsumexp(logits/T)), msp or maxlogit; all are confidences, higher =
-    /// more in-distribution.
-    #[arg(long, default_value = "energy", value_parser = ["energy", "msp", "maxlogit"])]
-    score: String,
-    /// Temperature T of the energy score.
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f32,
-    /// Bake normalisation into the graph: its input becomes `image`, uint8 NHWC.
+    /// more in-distribution. [default: [export] score, else energy]
+    #[arg(long, value_parser = ["energy", "msp", "maxlogit"])]
+    score: Option<String>,
+    /// Temperature T of the energy score. [default: [export] temperature, else 1]
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Bake normalisation into the graph: its input becomes `image`, uint8 NHWC (also [export] preprocess).
     #[arg(long)]
     preprocess: bool,
     /// Image files or folders of a held-out ID validation split (never the test split), scored through
@@ -53,10 +55,10 @@ pub struct ExportArgs {
     /// Precomputed ID scores of the same score (.npy or text, one per line) instead of images.
     #[arg(long, value_name = "FILE")]
     calibration_scores: Option<PathBuf>,
-    /// Target in-distribution TPR of the threshold.
-    #[arg(long, default_value_t = 0.95)]
-    tpr: f64,
-    /// One threshold per predicted class (needs --calibration images).
+    /// Target in-distribution TPR of the threshold. [default: [export] tpr, else 0.95]
+    #[arg(long)]
+    tpr: Option<f64>,
+    /// One threshold per predicted class (needs calibration images; also [export] per_class_thresholds).
     #[arg(long)]
     per_class_thresholds: bool,
     /// Images per ONNX Runtime run while calibrating.
@@ -106,18 +108,17 @@ pub fn run(
     args: ExportArgs,
     progress: &dyn dream_ood::progress::Progress,
 ) -> anyhow::Result<ExitCode> {
-    let score = match args.score.as_str() {
-        "energy" => ScoreKind::Energy {
-            temperature: args.temperature,
-        },
-        "msp" => ScoreKind::Msp,
-        _ => ScoreKind::MaxLogit,
-    };
     let config = args
         .config
         .as_deref()
         .map(dream_ood::config::Config::load)
         .transpose()?;
+    let settings = config.as_ref().map(|c| c.export.clone()).unwrap_or_default();
+    let score = parse_score(
+        args.score.as_deref().unwrap_or(&settings.score),
+        args.temperature.unwrap_or(settings.temperature),
+    )
+    .map_err(anyhow::Error::msg)?;
     let calibration = match (args.calibration.is_empty(), args.calibration_scores) {
         (false, _) => CalibrationSet::Images(args.calibration),
         (true, Some(f)) => CalibrationSet::Scores(f),
@@ -129,12 +130,7 @@ pub fn run(
     anyhow::ensure!(args.batch > 0, "--batch must be at least 1");
     let checkpoint = match (args.checkpoint, &config) {
         (Some(p), _) => p,
-        (None, Some(c)) => c
-            .train
-            .out
-            .clone()
-            .unwrap_or_else(|| c.run.out_dir.join("train").join(c.train.method.name()))
-            .join("model.safetensors"),
+        (None, Some(c)) => c.detector_checkpoint(),
         (None, None) => anyhow::bail!("--checkpoint is required without a config"),
     };
     let out = match (args.out, &config) {
@@ -156,10 +152,10 @@ pub fn run(
             eval_transform: args.transform.as_deref().map(transform).transpose()?,
         },
         score,
-        preprocess: args.preprocess,
+        preprocess: args.preprocess || settings.preprocess,
         calibration,
-        target_tpr: args.tpr,
-        per_class: args.per_class_thresholds,
+        target_tpr: args.tpr.unwrap_or(settings.tpr),
+        per_class: args.per_class_thresholds || settings.per_class_thresholds,
         batch: args.batch,
         session: SessionOptions {
             intra_threads: args.threads,

@@ -45,9 +45,15 @@ pub fn run_run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             o.seconds
         ));
     }
+    let summary = dream_ood::pipeline::report::write(&pipeline, &outcomes)?;
+    if !summary.table.is_empty() {
+        text.push('\n');
+        text.push_str(&summary.table);
+    }
     text.push_str(&format!(
-        "run folder: {}\n",
-        pipeline.config.run.out_dir.display()
+        "\nrun folder: {}\nreport:     {}\n",
+        pipeline.config.run.out_dir.display(),
+        summary.report.display()
     ));
     crate::print_stdout(&text)?;
     Ok(std::process::ExitCode::SUCCESS)

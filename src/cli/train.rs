@@ -34,11 +34,6 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(&args.config)?;
-    let base = args
-        .config
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .to_owned();
     let overrides = Overrides {
         method: args.method,
         epochs: args.epochs,
@@ -47,7 +42,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
         threads: args.threads,
         until_epoch: args.until_epoch,
     };
-    let job = TrainJob::from_config(&config, &base, overrides)?;
+    let job = TrainJob::from_config(&config, overrides)?;
 
     let stop = super::interrupt::stop_flag(
         "stopping after this step (the unfinished epoch is redone on resume)",

@@ -152,7 +152,7 @@ impl DataSource {
     pub fn resolved(&self, base: &Path) -> Self {
         let mut s = self.clone();
         if s.path.is_relative() {
-            s.path = base.join(&s.path);
+            s.path = crate::config::join_clean(base, &s.path);
         }
         s
     }

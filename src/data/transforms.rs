@@ -92,6 +92,18 @@ pub enum Transform {
         scale: (f64, f64),
         ratio: (f64, f64),
     },
+    /// `RandomApply([GaussianBlur(kernel, sigma = (lo, hi))], p)`: with probability `p`, a Gaussian blur
+    /// with σ drawn uniformly from `sigma` (torchvision's draws: `rand` for the apply, then `uniform`),
+    /// a `kernel`×`kernel` window and reflect padding, rounded back to uint8 as torchvision does.
+    RandomGaussianBlur {
+        kernel: usize,
+        sigma: (f64, f64),
+        p: f64,
+    },
+    /// `Grayscale(num_output_channels = channels)`: PIL's `convert("L")` luma, repeated back to 3 channels
+    /// when the image has 3. Dream-OOD puts it first in the generated outliers' pipeline when the ID
+    /// images are gray (see `DataConfig::outlier_pipeline`).
+    Grayscale,
 }
 
 /// `Normalize(mean, std)` after `ToTensor`, per channel.
@@ -275,6 +287,20 @@ impl Pipeline {
                     }
                     (1, 1)
                 }
+                Transform::Grayscale => (1, 1),
+                Transform::RandomGaussianBlur { kernel, sigma, p } => {
+                    if kernel % 2 == 0 || !(sigma.0 > 0.0 && sigma.0 <= sigma.1) || !(0.0..=1.0).contains(&p)
+                    {
+                        return bad(
+                            "random_gaussian_blur",
+                            format!(
+                                "kernel {kernel}, sigma {sigma:?}, p {p}; expected an odd kernel, \
+                                 0 < sigma.0 ≤ sigma.1 and 0 ≤ p ≤ 1"
+                            ),
+                        );
+                    }
+                    (kernel, kernel)
+                }
                 Transform::RandomResizedCrop {
                     height,
                     width,
@@ -322,6 +348,19 @@ pub fn apply_one(t: &Transform, img: RawImage, draws: &mut dyn Draws) -> Result<
             } else {
                 resize_bilinear(&img, w, h)
             }
+        }
+        Transform::RandomGaussianBlur { kernel, sigma, p } => {
+            // RandomApply: `if p < torch.rand(1): return img`.
+            if p < draws.rand() {
+                img
+            } else {
+                let sigma = draws.uniform(sigma.0, sigma.1);
+                gaussian_blur(&img, kernel, sigma)?
+            }
+        }
+        Transform::Grayscale => {
+            let c = img.channels();
+            img.to_channels(1)?.to_channels(c)?
         }
         Transform::CenterCrop { height, width } => center_crop(&img, height, width),
         Transform::RandomCrop {
@@ -498,6 +537,67 @@ pub fn center_crop(img: &RawImage, height: usize, width: usize) -> RawImage {
 }
 
 /// `hflip`: mirror left–right.
+/// torchvision's `F.gaussian_blur` on a uint8 image: the float32 kernel `exp(-x²/2σ²)` normalised over
+/// `x = -(k-1)/2 … (k-1)/2`, outer product for 2-D, reflect padding of `k/2` (the edge pixel not
+/// repeated), float32 correlation, round half to even, uint8. Needs each side ≥ `k/2 + 1` (as PyTorch's
+/// reflect padding).
+pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawImage> {
+    let (h, w, c) = (img.height(), img.width(), img.channels());
+    let half = kernel / 2;
+    if h <= half || w <= half {
+        return Err(Error::Shape {
+            what: "GaussianBlur input".into(),
+            expected: format!("sides above {half} for a {kernel}×{kernel} kernel"),
+            got: format!("{h}×{w}"),
+        });
+    }
+    let sigma = sigma as f32;
+    let ksize_half = (kernel as f32 - 1.0) * 0.5;
+    let steps = kernel.max(2) - 1;
+    let k1: Vec<f32> = (0..kernel)
+        .map(|i| {
+            // torch.linspace(-ksize_half, ksize_half, kernel)
+            let x = if kernel == 1 {
+                -ksize_half
+            } else {
+                -ksize_half + (2.0 * ksize_half) * (i as f32 / steps as f32)
+            };
+            (-0.5 * (x / sigma).powi(2)).exp()
+        })
+        .collect();
+    let sum: f32 = k1.iter().sum();
+    let k1: Vec<f32> = k1.iter().map(|v| v / sum).collect();
+    let reflect = |i: isize, n: usize| -> usize {
+        let n = n as isize;
+        let r = if i < 0 {
+            -i
+        } else if i >= n {
+            2 * (n - 1) - i
+        } else {
+            i
+        };
+        r as usize
+    };
+    let src = img.data();
+    let mut out = vec![0u8; src.len()];
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                let mut acc = 0f32;
+                for (ky, wy) in k1.iter().enumerate() {
+                    let sy = reflect(y as isize + ky as isize - half as isize, h);
+                    for (kx, wx) in k1.iter().enumerate() {
+                        let sx = reflect(x as isize + kx as isize - half as isize, w);
+                        acc += (wy * wx) * src[(sy * w + sx) * c + ch] as f32;
+                    }
+                }
+                out[(y * w + x) * c + ch] = acc.round_ties_even().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    RawImage::new(w, h, c, out)
+}
+
 pub fn hflip(img: &RawImage) -> RawImage {
     let (w, c) = (img.width(), img.channels());
     let mut out = img.clone();

@@ -115,7 +115,9 @@ pub fn fixed_output_size(pipeline: &Pipeline) -> Option<(usize, usize)> {
             | Transform::RandomCrop { height, width, .. }
             | Transform::RandomResizedCrop { height, width, .. } => size = Some((height, width)),
             Transform::Resize(Size::Shorter(_)) => size = None,
-            Transform::RandomHorizontalFlip { .. } => {}
+            Transform::RandomHorizontalFlip { .. }
+            | Transform::RandomGaussianBlur { .. }
+            | Transform::Grayscale => {}
         }
     }
     size

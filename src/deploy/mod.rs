@@ -8,6 +8,7 @@
 //!          (through the graph itself)             └──► serve       → HTTP: /v1/score, /v1/model, /metrics
 //! ```
 //!
+//! - [`config`]: the `[export]` table;
 //! - [`export`]: the checkpoint → ONNX export with threshold calibration on the production path;
 //! - [`calibrate`]: the threshold rule for a target ID TPR (global or per predicted class);
 //! - [`metadata`]: what the `.onnx` file says about itself (classes, transform, score, threshold, hashes);
@@ -16,6 +17,7 @@
 
 pub mod batcher;
 pub mod calibrate;
+pub mod config;
 pub mod export;
 pub mod metadata;
 pub mod metrics;
@@ -23,6 +25,7 @@ pub mod score;
 pub mod scorer;
 pub mod serve;
 
+pub use config::ExportConfig;
 pub use export::{CalibrationSet, ExportJob, ExportReport, NetworkOverride, export};
 pub use metadata::DetectorMetadata;
 pub use scorer::{Detector, Preprocessor, Scored};

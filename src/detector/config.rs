@@ -107,6 +107,20 @@ pub enum Batching {
     Permute,
 }
 
+/// `[train] finetune`: see [`TrainConfig::finetune`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Finetune {
+    /// The method whose model the others start from (trained first by `run`).
+    pub from: Method,
+    /// Epochs of the fine-tuned methods (default: `[train] epochs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<u64>,
+    /// Initial learning rate of the fine-tuned methods (default: `[train] lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+}
+
 /// `[train.vos]`: VOS's virtual-outlier synthesis. Defaults are the official VOS classification code
 /// (`deeplearning-wisc/vos` `classification/CIFAR/train_virtual.py`, arguments `--sample_number`,
 /// `--sample_from`, `--select`, `--start_epoch`, `--loss_weight`).
@@ -183,6 +197,14 @@ pub struct TrainConfig {
     /// with safetensors); loaded strictly. Default none: from scratch (CIFAR, SPEC §4.1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<PathBuf>,
+    /// Fine-tune every method but `from` from the model `from` wrote in this run folder
+    /// (`<out_dir>/train/<from>/model.safetensors`), e.g. `{ from = "baseline", epochs = 5, lr = 0.01 }`:
+    /// the ImageNet-100 recipe (a pretrained classifier, SPEC §4.5, §7 item 13) inside one `run`. Starting
+    /// from a trained classifier, ID images already have the higher `logsumexp`, so the regulariser widens
+    /// the gap the energy score reads instead of settling on either sign (from scratch it can separate ID
+    /// and outliers the other way round; `train` warns when it does). Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<Finetune>,
     /// CPU threads for libtorch and image decoding; 0 takes `run.threads`. Default 0.
     pub threads: usize,
     /// Output folder. Default `<run.out_dir>/train/<method>`.
@@ -213,6 +235,7 @@ impl Default for TrainConfig {
             batching: Batching::Concat,
             outliers: None,
             init: None,
+            finetune: None,
             threads: 0,
             out: None,
             vos: VosConfig::default(),
@@ -274,6 +297,30 @@ impl TrainConfig {
         non_negative("beta", self.beta)?;
         positive("energy_temperature", self.energy_temperature)?;
         non_negative("vos.loss_weight", self.vos.loss_weight)?;
+        if let Some(ft) = &self.finetune {
+            if self.init.is_some() {
+                return Err((
+                    "finetune".into(),
+                    "give either init (a checkpoint file) or finetune (a method of this run), not both"
+                        .into(),
+                ));
+            }
+            if ft.epochs == Some(0) {
+                return Err((
+                    "finetune.epochs".into(),
+                    "must be at least 1, got 0".into(),
+                ));
+            }
+            if let Some(lr) = ft.lr {
+                positive("finetune.lr", lr)?;
+                if self.lr_min > lr {
+                    return Err((
+                        "finetune.lr".into(),
+                        format!("{lr} is below lr_min = {}", self.lr_min),
+                    ));
+                }
+            }
+        }
         if self.vos.select > self.vos.samples {
             return Err((
                 "vos.select".into(),

@@ -39,9 +39,9 @@ pub mod loss;
 pub mod trainer;
 pub mod vos;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-pub use config::{Batching, Method, Phi, PhiInit, TrainConfig, VosConfig};
+pub use config::{Batching, Finetune, Method, Phi, PhiInit, TrainConfig, VosConfig};
 pub use trainer::{TrainReport, run};
 
 use crate::config::{Config, DataConfig, DeviceSpec};
@@ -80,12 +80,27 @@ pub struct Overrides {
 }
 
 impl TrainJob {
-    /// Builds the job from a loaded config (paths in `[data]` and `run.out_dir` already resolved by
-    /// [`Config::load`]) whose file lives in `base`, with `overrides` applied and checked.
-    pub fn from_config(config: &Config, base: &Path, overrides: Overrides) -> Result<TrainJob> {
+    /// Builds the job from a loaded config (its paths already resolved against the config's folder by
+    /// [`Config::load`]), with `overrides` applied and checked.
+    pub fn from_config(config: &Config, overrides: Overrides) -> Result<TrainJob> {
         let mut train = config.train.clone();
         if let Some(m) = overrides.method {
             train.method = m;
+        }
+        if let Some(ft) = train.finetune.clone()
+            && train.method != ft.from
+        {
+            train.init = Some(
+                config
+                    .run
+                    .out_dir
+                    .join("train")
+                    .join(ft.from.name())
+                    .join("model.safetensors"),
+            );
+            train.epochs = ft.epochs.unwrap_or(train.epochs);
+            train.lr = ft.lr.unwrap_or(train.lr);
+            train.finetune = None;
         }
         if let Some(e) = overrides.epochs {
             train.epochs = e;
@@ -99,23 +114,14 @@ impl TrainJob {
                 msg,
             });
         }
-        let resolve = |p: &PathBuf| {
-            if p.is_relative() {
-                base.join(p)
-            } else {
-                p.clone()
-            }
-        };
-        train.init = train.init.as_ref().map(resolve);
-        let out = match overrides.out.or_else(|| train.out.as_ref().map(resolve)) {
+        let out = match overrides.out.or_else(|| train.out.clone()) {
             Some(p) => p,
             None => config.run.out_dir.join("train").join(train.method.name()),
         };
         let generated = train.method.uses_generated().then(|| {
             train
                 .outliers
-                .as_ref()
-                .map(resolve)
+                .clone()
                 .unwrap_or_else(|| config.run.out_dir.join("generate"))
         });
         let device_name = overrides

@@ -284,6 +284,7 @@ fn open_data(job: &TrainJob) -> Result<Data> {
         });
     }
     check_labels(train.as_ref(), classes.len(), "data.train", "ID classes")?;
+    let id_gray = train.get(0).map(|im| im.channels() == 1).unwrap_or(false);
     let id = loader(
         train,
         job.data.train_pipeline(),
@@ -319,6 +320,15 @@ fn open_data(job: &TrainJob) -> Result<Data> {
                 check_labels(ds.as_ref(), classes.len(), "train.outliers", "ID classes")?;
             }
             tracing::info!(images = ds.len(), folder = %dir.display(), "generated images");
+            if id_gray
+                && !job.data.outlier_gray
+                && ds.get(0).map(|im| im.channels() == 3).unwrap_or(false)
+            {
+                tracing::warn!(
+                    "the ID images are gray and the generated ones colour: the detector can tell them apart \
+                     by colour alone; set [data] outlier_gray = true"
+                );
+            }
             Some(loader(
                 ds,
                 job.data.outlier_pipeline(),

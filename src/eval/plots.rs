@@ -1,4 +1,5 @@
-//! PNG plots of an evaluation: score histograms (ID test vs each OOD set) and ROC curves.
+//! PNG plots of an evaluation: score histograms (ID test vs each OOD set) and ROC curves; and the image grid
+//! of a run's report (real ID images beside the outliers generated for each class).
 //!
 //! Drawn directly into an RGB buffer (`image`) with text from Noto Sans Mono glyphs compiled into the
 //! binary (`noto-sans-mono-bitmap`): no plotting stack, no font lookup, no download, and the same pixels on
@@ -122,6 +123,83 @@ fn save(path: &Path, img: &RgbImage) -> Result<()> {
             msg: format!("cannot encode PNG: {e}"),
         })?;
     write_atomic(path, &bytes)
+}
+
+/// One row of [`image_grid`]: a label and two groups of images drawn side by side.
+pub struct GridRow {
+    pub label: String,
+    pub left: Vec<crate::data::RawImage>,
+    pub right: Vec<crate::data::RawImage>,
+}
+
+/// Draws `rows` as a grid: each row's label, its `left` images, a gap, its `right` images, every image
+/// scaled (nearest neighbour, gray as RGB) into a `cell`-pixel square; `headers` name the two groups.
+/// The run report uses it for real ID images (left) beside the generated outliers of the same class.
+pub fn image_grid(
+    path: &Path,
+    headers: (&str, &str),
+    rows: &[GridRow],
+    cell: u32,
+) -> Result<()> {
+    const PAD: i64 = 4;
+    const GAP: i64 = 24;
+    let cell_i = cell as i64;
+    let line = FONT.val() as i64;
+    let label_w = rows.iter().map(|r| text_width(&r.label)).max().unwrap_or(0) + 2 * PAD;
+    let n_left = rows.iter().map(|r| r.left.len()).max().unwrap_or(0) as i64;
+    let n_right = rows.iter().map(|r| r.right.len()).max().unwrap_or(0) as i64;
+    let step = cell_i + PAD;
+    let x_right = label_w + n_left * step + GAP;
+    let top = line + 2 * PAD;
+    let width = (x_right + n_right * step + PAD).max(label_w + text_width(headers.0) + GAP);
+    let height = top + rows.len() as i64 * step + PAD;
+    let mut img = RgbImage::from_pixel(width as u32, height as u32, WHITE);
+    text(&mut img, label_w, PAD, headers.0, BLACK);
+    text(&mut img, x_right, PAD, headers.1, BLACK);
+    for (r, row) in rows.iter().enumerate() {
+        let y = top + r as i64 * step;
+        text(&mut img, PAD, y + (cell_i - line) / 2, &row.label, BLACK);
+        let cells = row
+            .left
+            .iter()
+            .enumerate()
+            .map(|(i, im)| (label_w + i as i64 * step, im))
+            .chain(
+                row.right
+                    .iter()
+                    .enumerate()
+                    .map(|(i, im)| (x_right + i as i64 * step, im)),
+            );
+        for (x, im) in cells {
+            draw_scaled(&mut img, (x, y), cell_i, im);
+        }
+    }
+    save(path, &img)
+}
+
+/// `im` scaled by nearest neighbour into the `side`-pixel square at `(x0, y0)`.
+fn draw_scaled(img: &mut RgbImage, (x0, y0): (i64, i64), side: i64, im: &crate::data::RawImage) {
+    let (w, h, c) = (im.width(), im.height(), im.channels());
+    if w == 0 || h == 0 {
+        return;
+    }
+    let data = im.data();
+    for dy in 0..side {
+        let sy = (dy as usize * h) / side as usize;
+        for dx in 0..side {
+            let sx = (dx as usize * w) / side as usize;
+            let i = (sy * w + sx) * c;
+            let px = if c == 1 {
+                Rgb([data[i]; 3])
+            } else {
+                Rgb([data[i], data[i + 1], data[i + 2]])
+            };
+            let (x, y) = (x0 + dx, y0 + dy);
+            if x >= 0 && y >= 0 && x < img.width() as i64 && y < img.height() as i64 {
+                img.put_pixel(x as u32, y as u32, px);
+            }
+        }
+    }
 }
 
 /// A compact number for axis labels.
@@ -320,6 +398,33 @@ mod tests {
         let d = densities(&[-5.0, 0.1, 0.5, 0.9, 7.0], 0.0, 1.0, 4);
         assert!((d.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert_eq!(d, vec![0.4, 0.0, 0.2, 0.4]);
+    }
+
+    #[test]
+    fn image_grid_places_each_image_scaled_in_its_cell() {
+        use crate::data::RawImage;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("grid.png");
+        let gray = RawImage::new(2, 2, 1, vec![0, 0, 0, 0]).unwrap();
+        let red = RawImage::new(1, 1, 3, vec![255, 0, 0]).unwrap();
+        let rows = vec![
+            GridRow {
+                label: "a".into(),
+                left: vec![gray.clone(), gray.clone()],
+                right: vec![red.clone()],
+            },
+            GridRow {
+                label: "bb".into(),
+                left: vec![gray],
+                right: vec![red.clone(), red],
+            },
+        ];
+        image_grid(&path, ("real", "generated"), &rows, 16).unwrap();
+        let img = image::open(&path).unwrap().into_rgb8();
+        let count = |c: [u8; 3]| img.pixels().filter(|p| p.0 == c).count();
+        // 3 black cells and 3 red cells of 16 x 16 each (text is antialiased, never pure black here).
+        assert_eq!(count([0, 0, 0]), 3 * 256);
+        assert_eq!(count([255, 0, 0]), 3 * 256);
     }
 
     #[test]

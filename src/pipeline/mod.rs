@@ -1,6 +1,7 @@
 //! `dream-ood run CONFIG`: the stages in order inside one run folder (latent, sample, generate, train for
-//! every method of `[run] methods`, eval of them side by side), each skipped when its outputs are complete
-//! and were made from the same inputs and settings.
+//! every method of `[run] methods`, eval of them side by side, export of one of them to ONNX with a few
+//! images scored through it), each skipped when its outputs are complete and were made from the same
+//! inputs and settings. Then [`report`] writes the run's `report.md`.
 //!
 //! Every stage has a folder `<run.out_dir>/<stage>/` and a `stamp.json` in it:
 //!
@@ -27,6 +28,14 @@ use crate::error::{Error, Result};
 use crate::files::write_atomic;
 use crate::progress::Progress;
 
+pub mod report;
+pub mod samples;
+
+fn names(methods: &[crate::detector::Method]) -> String {
+    let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
+    names.join(", ")
+}
+
 /// The stages `run` knows, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -36,15 +45,17 @@ pub enum Stage {
     Generate,
     Train,
     Eval,
+    Export,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Latent,
         Stage::Sample,
         Stage::Generate,
         Stage::Train,
         Stage::Eval,
+        Stage::Export,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +65,7 @@ impl Stage {
             Stage::Generate => "generate",
             Stage::Train => "train",
             Stage::Eval => "eval",
+            Stage::Export => "export",
         }
     }
 }
@@ -145,28 +157,37 @@ impl Run {
     /// The settings a stage's outputs depend on, as JSON (hashed into the fingerprint).
     fn settings(&self, stage: Stage) -> serde_json::Value {
         let c = &self.config;
+        // Stages 1 and 4 never read the OOD sets or the validation split: changing those reruns only
+        // evaluation and export.
+        let mut id_data = serde_json::to_value(&c.data).expect("plain data");
+        if let Some(m) = id_data.as_object_mut() {
+            m.remove("ood");
+            m.remove("val");
+        }
         match stage {
             Stage::Latent => serde_json::json!({
-                "data": c.data, "latent": c.latent, "seed": c.run.seed,
+                "data": id_data, "latent": c.latent, "seed": c.run.seed,
             }),
             Stage::Sample => serde_json::json!({ "sample": c.sample, "seed": c.run.seed }),
             Stage::Generate => serde_json::json!({ "generate": c.generate, "base": self.base }),
             Stage::Train => serde_json::json!({
-                "data": c.data, "train": c.train, "methods": self.methods(), "seed": c.run.seed,
+                "data": id_data, "train": c.train, "methods": self.methods(), "seed": c.run.seed,
             }),
             Stage::Eval => {
                 serde_json::json!({ "data": c.data, "eval": c.eval, "seed": c.run.seed })
             }
+            Stage::Export => serde_json::json!({ "data": c.data, "export": c.export }),
         }
     }
 
-    /// The detector methods the run trains and evaluates.
+    /// The detector methods the run trains and evaluates, `[train] finetune.from` first (the others start
+    /// from its model).
     pub fn methods(&self) -> Vec<crate::detector::Method> {
-        if self.config.run.methods.is_empty() {
-            vec![self.config.train.method]
-        } else {
-            self.config.run.methods.clone()
+        let mut methods = self.config.trained_methods();
+        if let Some(ft) = &self.config.train.finetune {
+            methods.sort_by_key(|&m| m != ft.from);
         }
+        methods
     }
 
     /// The fingerprint of `stage`: its settings and its upstream fingerprints.
@@ -316,7 +337,15 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
                 std::path::absolute(run.dir(Stage::Generate)).map_err(|e| Error::io(out_dir, e))?,
             );
             if g.classes.is_none() {
-                g.classes = c.data.classes.clone();
+                // Already resolved against the config's folder by `Config::load`; absolute so that
+                // `GenerateJob::from_config` does not join the folder a second time.
+                g.classes = c
+                    .data
+                    .classes
+                    .as_deref()
+                    .map(std::path::absolute)
+                    .transpose()
+                    .map_err(|e| Error::io(out_dir, e))?;
             }
             let job = crate::diffusion::generate::GenerateJob::from_config(&g, &run.base)?;
             let report = crate::diffusion::generate::run_generate(&job, progress, stop)?;
@@ -332,6 +361,18 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
             }
         }
         Stage::Train => {
+            if let Some(ft) = &c.train.finetune
+                && !run.methods().contains(&ft.from)
+            {
+                return Err(Error::InvalidValue {
+                    key: "train.finetune.from".into(),
+                    msg: format!(
+                        "{} is not trained by this run (it trains {}); add it to [run] methods",
+                        ft.from.name(),
+                        names(&run.methods())
+                    ),
+                });
+            }
             for method in run.methods() {
                 let overrides = crate::detector::Overrides {
                     method: Some(method),
@@ -343,7 +384,7 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
                 if cfg.train.outliers.is_none() {
                     cfg.train.outliers = Some(run.dir(Stage::Generate));
                 }
-                let job = crate::detector::TrainJob::from_config(&cfg, &run.base, overrides)?;
+                let job = crate::detector::TrainJob::from_config(&cfg, overrides)?;
                 let report = crate::detector::trainer::run(&job, progress, stop)?;
                 if report.interrupted {
                     return Err(Error::Check {
@@ -373,6 +414,65 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
             let mut job = crate::eval::evaluate::EvalJob::from_config(c, checkpoints, run.device);
             job.out_dir = run.dir(Stage::Eval);
             crate::eval::evaluate::run(&job, progress)?;
+        }
+        Stage::Export => {
+            let method = c.export_method();
+            if !run.methods().contains(&method) {
+                return Err(Error::InvalidValue {
+                    key: "export.method".into(),
+                    msg: format!(
+                        "{} is not trained by this run (it trains {})",
+                        method.name(),
+                        names(&run.methods())
+                    ),
+                });
+            }
+            let dir = run.dir(Stage::Export);
+            let calibration = match &c.data.val {
+                Some(val) => crate::deploy::CalibrationSet::Dataset(val.clone()),
+                None => {
+                    tracing::warn!(
+                        "no [data.val]: the detector is exported without a threshold (no is_ood output)"
+                    );
+                    crate::deploy::CalibrationSet::None
+                }
+            };
+            let session = crate::diffusion::session::SessionOptions {
+                intra_threads: run.threads,
+                ..Default::default()
+            };
+            let job = crate::deploy::ExportJob {
+                checkpoint: run
+                    .dir(Stage::Train)
+                    .join(method.name())
+                    .join("model.safetensors"),
+                out: dir.join("detector.onnx"),
+                network: Default::default(),
+                score: c
+                    .export
+                    .score_kind()
+                    .map_err(|msg| Error::InvalidValue {
+                        key: "export.score".into(),
+                        msg,
+                    })?,
+                preprocess: c.export.preprocess,
+                calibration,
+                target_tpr: c.export.tpr,
+                per_class: c.export.per_class_thresholds,
+                batch: 64,
+                session: session.clone(),
+            };
+            let report = crate::deploy::export(&job, progress)?;
+            if c.export.score_samples > 0 {
+                samples::score_samples(
+                    &c.data,
+                    &report.out,
+                    &dir.join("samples"),
+                    c.export.score_samples,
+                    &session,
+                    progress,
+                )?;
+            }
         }
     }
     Ok(())
