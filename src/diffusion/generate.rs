@@ -26,6 +26,7 @@ use super::pipeline::{Quantize, SamplerSettings, StableDiffusion};
 use super::plan::{ImageCount, PlannedImage, Shard, initial_latents, plan};
 use super::schedulers::{NoiseSource, SchedulerKind};
 use super::session::SessionOptions;
+use super::tensorrt::JobShapes;
 use super::text_encoder::Injection;
 use crate::error::{Error, Result};
 use crate::files::write_atomic;
@@ -345,7 +346,31 @@ pub fn run_generate(
         });
     }
     let dir = SdModelDir::open(&job.model)?;
-    let layout = worker_layout(job, &dir);
+    let init_latents = match &job.init_latents {
+        Some(path) => Some(load_init_latents(path)?),
+        None => None,
+    };
+    let factor = dir.vae_scale_factor;
+    if init_latents.is_none() && (job.image_size == 0 || !job.image_size.is_multiple_of(factor)) {
+        return Err(Error::InvalidValue {
+            key: "image_size".to_owned(),
+            msg: format!(
+                "{} is not a positive multiple of the VAE's factor {factor}",
+                job.image_size
+            ),
+        });
+    }
+    let latent_shape: Vec<usize> = match &init_latents {
+        Some(l) => l.shape()[1..].to_vec(),
+        None => vec![4, job.image_size / factor, job.image_size / factor],
+    };
+    let mut layout = worker_layout(job, &dir);
+    // TensorRT builds each engine once, for exactly the batch and latent size of this job.
+    layout.session.provider = layout.session.provider.with_job_shapes(JobShapes {
+        batch_size: job.batch_size,
+        latent: [latent_shape[0], latent_shape[1], latent_shape[2]],
+        sequence_length: super::tokenizer::MAX_LENGTH,
+    });
     let sd = StableDiffusion::load(dir, &layout.session_of(0))?;
     let embeddings = Embeddings::load(
         &job.embeddings,
@@ -372,24 +397,6 @@ pub fn run_generate(
             );
         }
     }
-    let init_latents = match &job.init_latents {
-        Some(path) => Some(load_init_latents(path)?),
-        None => None,
-    };
-    let factor = sd.dir.vae_scale_factor;
-    if init_latents.is_none() && (job.image_size == 0 || !job.image_size.is_multiple_of(factor)) {
-        return Err(Error::InvalidValue {
-            key: "image_size".to_owned(),
-            msg: format!(
-                "{} is not a positive multiple of the VAE's factor {factor}",
-                job.image_size
-            ),
-        });
-    }
-    let latent_shape: Vec<usize> = match &init_latents {
-        Some(l) => l.shape()[1..].to_vec(),
-        None => vec![4, job.image_size / factor, job.image_size / factor],
-    };
     let images = plan(
         classes.len(),
         embeddings.rows,
@@ -808,6 +815,8 @@ impl GenerateJob {
                 device,
                 fp16: cfg.trt_fp16,
                 cache_dir: super::te_cache::default_root().map(|r| r.join("tensorrt")),
+                // Set by `run_generate` once the latent shape is known.
+                shapes: None,
             },
             _ => {
                 return Err(invalid(

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod schedulers;
 pub mod session;
 pub mod te_cache;
+pub mod tensorrt;
 pub mod text_encoder;
 pub mod tokenizer;
 pub mod unet;

@@ -11,6 +11,7 @@ use ndarray::{ArrayD, IxDyn};
 use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{Tensor, TensorElementType};
 
+use super::tensorrt::{JobShapes, ModelSource};
 use crate::error::{Error, Result};
 use crate::runtime::ort_environment;
 
@@ -29,10 +30,14 @@ pub enum Provider {
         device: i32,
         /// Let TensorRT pick fp16 kernels (`trt_fp16_enable`); I/O stays as the export declares it.
         fp16: bool,
-        /// Engine and timing caches (`trt_engine_cache_path`, `trt_timing_cache_path`). ONNX Runtime names
-        /// each engine by the hash of the (sub)graph it was built from and the input shapes, so one folder
-        /// serves every model safely; `None` rebuilds the engines at every start (minutes for SD's UNet).
+        /// Root of the engine and timing caches: each model's engines go in a folder of their own under it,
+        /// keyed by the model's content, fp16 and the profile; the timing cache sits in the root
+        /// ([`super::tensorrt`] says why). `None` rebuilds the engines at every start (minutes for SD's UNet).
         cache_dir: Option<std::path::PathBuf>,
+        /// The shapes the job feeds, for explicit optimisation profiles (one engine per model, built at
+        /// session creation); `None` lets TensorRT build for the shapes it meets at run time, rebuilding when a
+        /// new one falls outside them.
+        shapes: Option<JobShapes>,
     },
 }
 
@@ -43,12 +48,35 @@ impl Provider {
             Provider::Cpu => Provider::Cpu,
             Provider::Cuda { .. } => Provider::Cuda { device },
             Provider::TensorRt {
-                fp16, cache_dir, ..
+                fp16,
+                cache_dir,
+                shapes,
+                ..
             } => Provider::TensorRt {
                 device,
                 fp16: *fp16,
                 cache_dir: cache_dir.clone(),
+                shapes: *shapes,
             },
+        }
+    }
+
+    /// The same provider with TensorRT profiles for a job of these shapes (other providers are unchanged:
+    /// CUDA and the CPU take any shape without a rebuild).
+    pub fn with_job_shapes(&self, job: JobShapes) -> Provider {
+        match self {
+            Provider::TensorRt {
+                device,
+                fp16,
+                cache_dir,
+                ..
+            } => Provider::TensorRt {
+                device: *device,
+                fp16: *fp16,
+                cache_dir: cache_dir.clone(),
+                shapes: Some(job),
+            },
+            other => other.clone(),
         }
     }
 }
@@ -82,7 +110,7 @@ pub fn open_session(path: &Path, opts: &SessionOptions) -> Result<Session> {
         ));
     }
     let what = path.display().to_string();
-    builder(&what, opts)?
+    builder(&what, opts, ModelSource::File(path))?
         .commit_from_file(path)
         .map_err(|e| Error::ort(what, e))
 }
@@ -93,26 +121,36 @@ pub fn open_session_from_memory(
     what: &str,
     opts: &SessionOptions,
 ) -> Result<Session> {
-    builder(what, opts)?
+    builder(what, opts, ModelSource::Memory(bytes))?
         .commit_from_memory(bytes)
         .map_err(|e| Error::ort(what, e))
 }
 
-/// A session builder with the threads and provider of `opts`.
-fn builder(what: &str, opts: &SessionOptions) -> Result<ort::session::builder::SessionBuilder> {
+/// A session builder with the threads and provider of `opts`; `source` is the model the session will hold
+/// (TensorRT reads its inputs for the profile and keys its engine folder by it).
+fn builder(
+    what: &str,
+    opts: &SessionOptions,
+    source: ModelSource<'_>,
+) -> Result<ort::session::builder::SessionBuilder> {
     let mut builder = Session::builder(ort_environment()?).map_err(|e| Error::ort(what, e))?;
     if opts.intra_threads > 0 {
         builder = builder
             .with_intra_threads(opts.intra_threads)
             .map_err(|e| Error::ort(what, e))?;
     }
-    register_provider(builder, &opts.provider, what)
+    register_provider(builder, &opts.provider, what, source)
 }
 
 fn register_provider(
     builder: ort::session::builder::SessionBuilder,
     provider: &Provider,
     what: &str,
+    #[cfg_attr(
+        not(all(feature = "tensorrt", feature = "cuda")),
+        allow(unused_variables)
+    )]
+    source: ModelSource<'_>,
 ) -> Result<ort::session::builder::SessionBuilder> {
     match provider {
         Provider::Cpu => Ok(builder),
@@ -128,18 +166,30 @@ fn register_provider(
             device,
             fp16,
             cache_dir,
+            shapes,
         } => {
+            let settings = super::tensorrt::session_settings(
+                source,
+                what,
+                *fp16,
+                shapes.as_ref(),
+                cache_dir.as_deref(),
+            )?;
             let mut trt = ort::ep::TensorRT::default()
                 .with_device_id(*device)
                 .with_fp16(*fp16);
-            if let Some(dir) = cache_dir {
-                std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-                let dir = dir.display().to_string();
+            if let Some(profile) = &settings.profile {
+                trt = trt
+                    .with_profile_min_shapes(&profile.min)
+                    .with_profile_opt_shapes(&profile.opt)
+                    .with_profile_max_shapes(&profile.max);
+            }
+            if let (Some(engines), Some(timing)) = (&settings.engine_dir, &settings.timing_dir) {
                 trt = trt
                     .with_engine_cache(true)
-                    .with_engine_cache_path(&dir)
+                    .with_engine_cache_path(engines.display())
                     .with_timing_cache(true)
-                    .with_timing_cache_path(&dir);
+                    .with_timing_cache_path(timing.display());
             }
             builder
                 .with_execution_providers([

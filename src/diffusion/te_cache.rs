@@ -68,8 +68,9 @@ pub enum Edited {
 
 /// [`folder_key`] remembered per folder for this process, so that the workers of one job (each loading
 /// its own sessions) hash a 490 MB export once, not once each. Keyed by the files' names, sizes and
-/// modification times, so an export replaced mid-process is hashed again.
-fn memo_key(dir: &Path) -> Result<String> {
+/// modification times, so an export replaced mid-process is hashed again. The TensorRT engine folders
+/// ([`super::tensorrt`]) are keyed by it too.
+pub(crate) fn memo_key(dir: &Path) -> Result<String> {
     use std::collections::HashMap;
     use std::sync::{Mutex, OnceLock};
     static MEMO: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
