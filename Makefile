@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 PYTHON ?= python3
 
-.PHONY: all bootstrap data doctor test lint build build-gpu fixtures-venv clean-deps bench bench-deploy bench-eval
+.PHONY: all bootstrap data demo doctor test lint build build-gpu fixtures-venv clean-deps bench bench-deploy bench-eval
 
 all: build
 
@@ -17,6 +17,11 @@ data:
 
 build: bootstrap
 	$(CARGO) build --release
+
+## `make demo`: the whole method on the embedded default (configs/demo.toml: Fashion-MNIST as ID, four OOD sets,
+## the small SD in onnx/demo-sd, CPU): data, build, then `dream-ood run`. Results in runs/demo/report.md.
+demo: build data
+	./target/release/dream-ood run configs/demo.toml
 
 ## `make doctor`: what this machine can do, with a real smoke run of libtorch and ONNX Runtime.
 doctor: build

@@ -1,7 +1,8 @@
-//! `dream-ood run` on a micro config (tiny images, one epoch, the tiny SD fixture): stages 1–5 run in
-//! order into one folder (a baseline and a Dream-OOD detector trained and evaluated side by side), a second
-//! run skips them all, a changed stage-2 setting reruns the stages from 2 on only,
-//! `--only` and `--force` do what they say.
+//! `dream-ood run` on a micro config (tiny images, one epoch, the tiny SD fixture): every stage runs in
+//! order into one folder (a baseline, then a Dream-OOD detector fine-tuned from it, evaluated side by side,
+//! the Dream-OOD one exported and a few images scored through it, the run report written), a second run
+//! skips them all, a changed stage-2 setting reruns the stages from 2 on only, `--only` and `--force` do
+//! what they say.
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ out_dir = "run"
 seed = 1
 device = "cpu"
 threads = 1
-methods = ["baseline", "dream_ood"]
+methods = ["dream_ood", "baseline"]  # finetune.from is trained first whatever the order
 
 [data]
 classes = "classes.toml"
@@ -69,6 +70,7 @@ epochs = 1
 batch = 8
 outlier_batch = 3
 threads = 1
+finetune = {{ from = "baseline", epochs = 1, lr = 0.05 }}
 
 [eval]
 scores = ["energy", "msp", "knn"]
@@ -81,11 +83,14 @@ plots = false
     )
 }
 
+const STAGES: [&str; 6] = ["latent", "sample", "generate", "train", "eval", "export"];
+
+/// `(stage, action)` from the stage table `run` prints first (up to the first blank line).
 fn actions(out: &std::process::Output) -> Vec<(String, String)> {
     stdout(out)
         .lines()
         .skip(1)
-        .filter(|l| !l.starts_with("run folder"))
+        .take_while(|l| !l.trim().is_empty())
         .map(|l| {
             let mut parts = l.split_whitespace();
             let stage = parts.next().unwrap().to_owned();
@@ -113,9 +118,16 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let ran =
         |a: &[(String, String)], stage: &str| a.iter().find(|(s, _)| s == stage).unwrap().1.clone();
     let a = actions(&out);
-    for stage in ["latent", "sample", "generate", "train", "eval"] {
+    for stage in STAGES {
         assert_eq!(ran(&a, stage), "ran", "{a:?}");
     }
+    // The comparison table and the report's path follow.
+    let printed = stdout(&out);
+    assert!(
+        printed.contains("score: energy") && printed.contains("dream_ood FPR95"),
+        "{printed}"
+    );
+    assert!(printed.contains("report:"), "{printed}");
     let run = dir.path().join("run");
     assert!(run.join("latent/bank.npy").exists());
     assert!(run.join("sample/outliers.npy").exists());
@@ -137,6 +149,41 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
         text.contains("baseline") && text.contains("dream_ood"),
         "{text}"
     );
+    // dream_ood started from the baseline's model (finetune), for the 1 epoch finetune gives.
+    let log = std::fs::read_to_string(run.join("train/dream_ood/log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+
+    // The export stage: detector.onnx, and 4 images of each set scored through it as `score` would.
+    assert!(run.join("export/detector.onnx").is_file());
+    let samples: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("export/samples/summary.json")).unwrap())
+            .unwrap();
+    let sets: Vec<(&str, u64)> = samples
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["set"].as_str().unwrap(), s["scored"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(sets, [("id_test", 4), ("noise", 4)], "{samples}");
+    let scores = std::fs::read_to_string(run.join("export/samples/scores.csv")).unwrap();
+    assert_eq!(scores.lines().count(), 1 + 8, "{scores}");
+    assert!(scores.starts_with("path,class,class_index,confidence,score,is_ood"));
+    assert!(run.join("export/samples/noise/3.png").is_file());
+
+    // The run report: the comparison, the outlier grid beside real images, deployment, stage times.
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    for part in [
+        "## Detection",
+        "| **mean** |",
+        "![generated outliers](outliers.png)",
+        "## Deployment",
+        "| noise | OOD | 4 |",
+        "| export |",
+    ] {
+        assert!(report.contains(part), "{part:?} missing from\n{report}");
+    }
+    let grid = image::open(run.join("outliers.png")).unwrap();
+    assert!(grid.width() > 2 * 48 && grid.height() >= 3 * 48);
 
     // `export CONFIG`: the trained dream_ood model, its threshold calibrated through the exported graph on
     // [data.val] (2 held-out images of each class).
@@ -164,7 +211,7 @@ fn run_chains_the_stages_and_skips_what_is_up_to_date() {
     let out = run_clean(dir.path(), &["run", cfg_arg], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let a = actions(&out);
-    for stage in ["latent", "sample", "generate", "train", "eval"] {
+    for stage in STAGES {
         assert_eq!(ran(&a, stage), "up to date", "{a:?}");
     }
 
