@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use dream_ood::data::Pipeline;
+use dream_ood::deploy::config::parse_score;
 use dream_ood::deploy::{CalibrationSet, ExportJob, NetworkOverride};
 use dream_ood::diffusion::session::SessionOptions;
 use dream_ood::nn::{Depth, Stem};
-use dream_ood::deploy::config::parse_score;
 
 /// Flags of `export`.
 #[derive(Debug, clap::Args)]
@@ -113,7 +113,10 @@ pub fn run(
         .as_deref()
         .map(dream_ood::config::Config::load)
         .transpose()?;
-    let settings = config.as_ref().map(|c| c.export.clone()).unwrap_or_default();
+    let settings = config
+        .as_ref()
+        .map(|c| c.export.clone())
+        .unwrap_or_default();
     let score = parse_score(
         args.score.as_deref().unwrap_or(&settings.score),
         args.temperature.unwrap_or(settings.temperature),

@@ -289,7 +289,9 @@ impl Pipeline {
                 }
                 Transform::Grayscale => (1, 1),
                 Transform::RandomGaussianBlur { kernel, sigma, p } => {
-                    if kernel % 2 == 0 || !(sigma.0 > 0.0 && sigma.0 <= sigma.1) || !(0.0..=1.0).contains(&p)
+                    if kernel % 2 == 0
+                        || !(sigma.0 > 0.0 && sigma.0 <= sigma.1)
+                        || !(0.0..=1.0).contains(&p)
                     {
                         return bad(
                             "random_gaussian_blur",

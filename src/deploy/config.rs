@@ -65,11 +65,12 @@ impl ExportConfig {
 
     /// The method exported when `method` is not set: `dream_ood` if `trained` has it, else `fallback`.
     pub fn method_or(&self, trained: &[Method], fallback: Method) -> Method {
-        self.method.unwrap_or(if trained.contains(&Method::DreamOod) {
-            Method::DreamOod
-        } else {
-            fallback
-        })
+        self.method
+            .unwrap_or(if trained.contains(&Method::DreamOod) {
+                Method::DreamOod
+            } else {
+                fallback
+            })
     }
 
     /// Checks ranges; an error names the field (relative to `export.`).

@@ -306,10 +306,7 @@ impl TrainConfig {
                 ));
             }
             if ft.epochs == Some(0) {
-                return Err((
-                    "finetune.epochs".into(),
-                    "must be at least 1, got 0".into(),
-                ));
+                return Err(("finetune.epochs".into(), "must be at least 1, got 0".into()));
             }
             if let Some(lr) = ft.lr {
                 positive("finetune.lr", lr)?;

@@ -135,12 +135,7 @@ pub struct GridRow {
 /// Draws `rows` as a grid: each row's label, its `left` images, a gap, its `right` images, every image
 /// scaled (nearest neighbour, gray as RGB) into a `cell`-pixel square; `headers` name the two groups.
 /// The run report uses it for real ID images (left) beside the generated outliers of the same class.
-pub fn image_grid(
-    path: &Path,
-    headers: (&str, &str),
-    rows: &[GridRow],
-    cell: u32,
-) -> Result<()> {
+pub fn image_grid(path: &Path, headers: (&str, &str), rows: &[GridRow], cell: u32) -> Result<()> {
     const PAD: i64 = 4;
     const GAP: i64 = 24;
     let cell_i = cell as i64;

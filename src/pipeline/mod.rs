@@ -448,13 +448,10 @@ fn run_stage(run: &Run, stage: Stage, progress: &dyn Progress, stop: &AtomicBool
                     .join("model.safetensors"),
                 out: dir.join("detector.onnx"),
                 network: Default::default(),
-                score: c
-                    .export
-                    .score_kind()
-                    .map_err(|msg| Error::InvalidValue {
-                        key: "export.score".into(),
-                        msg,
-                    })?,
+                score: c.export.score_kind().map_err(|msg| Error::InvalidValue {
+                    key: "export.score".into(),
+                    msg,
+                })?,
                 preprocess: c.export.preprocess,
                 calibration,
                 target_tpr: c.export.tpr,

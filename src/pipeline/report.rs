@@ -136,7 +136,13 @@ fn comparison(rows: &[MethodRow], score: &str) -> (String, String) {
     table.push(line);
 
     let widths: Vec<usize> = (0..table[0].len())
-        .map(|c| table.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            table
+                .iter()
+                .map(|r| r[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut text = format!("score: {score} (FPR95 lower is better, AUROC higher; %)\n");
     for r in &table {
@@ -256,7 +262,11 @@ pub fn write(run: &Run, outcomes: &[StageOutcome]) -> Result<RunSummary> {
 
     // 2. The generated outliers.
     md.push_str("\n## Generated outliers\n\n");
-    match outlier_grid(&c.data, &run.dir(Stage::Generate), &out_dir.join("outliers.png")) {
+    match outlier_grid(
+        &c.data,
+        &run.dir(Stage::Generate),
+        &out_dir.join("outliers.png"),
+    ) {
         Ok(Some(())) => {
             let _ = writeln!(
                 md,
@@ -352,10 +362,16 @@ mod tests {
         let rows = method_rows(&metrics(), "energy");
         let (md, text) = comparison(&rows, "energy");
         assert!(md.contains("| a | 40.00 | 85.00 | 10.00 | 97.00 |"), "{md}");
-        assert!(md.contains("| **mean** | 30.00 | 90.00 | 20.00 | 93.50 |"), "{md}");
+        assert!(
+            md.contains("| **mean** | 30.00 | 90.00 | 20.00 | 93.50 |"),
+            "{md}"
+        );
         assert!(md.contains("| ID accuracy | 90.00 | | 91.00 | |"), "{md}");
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[1].starts_with("OOD set") && lines[1].contains("dream_ood AUROC"));
-        assert!(lines[4].starts_with("mean") && lines[4].ends_with("93.50"), "{text}");
+        assert!(
+            lines[4].starts_with("mean") && lines[4].ends_with("93.50"),
+            "{text}"
+        );
     }
 }

@@ -50,7 +50,11 @@ fn write_images(
     if let Some(test) = &data.test {
         sets.push((ID_SET.to_owned(), true, test));
     }
-    sets.extend(data.ood.iter().map(|(name, src)| (name.clone(), false, src)));
+    sets.extend(
+        data.ood
+            .iter()
+            .map(|(name, src)| (name.clone(), false, src)),
+    );
     let mut out = Vec::new();
     for (name, is_id, src) in sets {
         let ds = src.open()?;
