@@ -63,6 +63,10 @@ pub struct RunConfig {
     /// Detector methods `dream-ood run` trains and evaluates side by side (e.g. `["baseline", "dream_ood"]`);
     /// empty = only `[train] method`. Default [].
     pub methods: Vec<crate::detector::Method>,
+    /// Markdown copied into the run report under "Notes": what the run is for, what to read its numbers
+    /// against (the embedded demo explains there why its baseline wins). Default none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
 }
 
 impl Default for RunConfig {
@@ -73,6 +77,7 @@ impl Default for RunConfig {
             device: "auto".to_owned(),
             threads: 0,
             methods: Vec::new(),
+            notes: None,
         }
     }
 }

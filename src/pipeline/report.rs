@@ -7,7 +7,8 @@
 //! - the score histograms of `eval/plots/`;
 //! - a grid of real ID training images beside the outliers generated for each class;
 //! - the exported detector and the images scored with it (`export/samples/summary.json`);
-//! - the time each stage took when it last ran (`<stage>/stamp.json`).
+//! - the time each stage took when it last ran (`<stage>/stamp.json`);
+//! - `[run] notes`, verbatim.
 //!
 //! The same comparison is returned as plain text for the terminal.
 
@@ -258,6 +259,10 @@ pub fn write(run: &Run, outcomes: &[StageOutcome]) -> Result<RunSummary> {
             }
         }
         None => md.push_str("Not evaluated yet (`eval` stage).\n"),
+    }
+
+    if let Some(notes) = &c.run.notes {
+        let _ = writeln!(md, "\n## Notes\n\n{}", notes.trim());
     }
 
     // 2. The generated outliers.
