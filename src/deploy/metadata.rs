@@ -19,7 +19,7 @@
 //! | `threshold.per_class` | per-class thresholds by predicted class, JSON array (when calibrated per class) |
 //! | `threshold.rule` | the calibration rule in words ([`crate::deploy::calibrate::RULE`]) |
 //! | `calibration.target_tpr`, `calibration.achieved_tpr` | the ID TPR asked for, and the fraction of the calibration scores the threshold accepts |
-//! | `calibration.count`, `calibration.source`, `calibration.sha256` | how many ID scores, `images` or `scores`, and a hash of the set (see [`crate::deploy::export`]) |
+//! | `calibration.count`, `calibration.source`, `calibration.sha256` | how many ID scores, `images` or `scores`, and a hash of the set (see [`crate::deploy::export`](mod@crate::deploy::export)) |
 //! | `checkpoint.sha256` | sha256 of the checkpoint file the weights came from |
 //! | `training_config.sha256` | the training config's hash, when the checkpoint records one |
 

@@ -9,7 +9,7 @@
 //! ```
 //!
 //! - [`config`]: the `[export]` table;
-//! - [`export`]: the checkpoint → ONNX export with threshold calibration on the production path;
+//! - [`export`](mod@export): the checkpoint → ONNX export with threshold calibration on the production path;
 //! - [`calibrate`]: the threshold rule for a target ID TPR (global or per predicted class);
 //! - [`metadata`]: what the `.onnx` file says about itself (classes, transform, score, threshold, hashes);
 //! - [`scorer`]: decoding, the evaluation transform and batched session runs, shared by all of the above;

@@ -238,7 +238,7 @@ fn json_number(v: f64) -> serde_json::Value {
     }
 }
 
-/// Top-1 accuracy of `logits` [B, C] against `labels` [B], without building a graph.
+/// Top-1 accuracy of `logits` `[B, C]` against `labels` `[B]`, without building a graph.
 pub fn accuracy(logits: &Tensor, labels: &Tensor) -> f64 {
     tch::no_grad(|| {
         logits
