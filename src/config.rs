@@ -848,6 +848,39 @@ mod tests {
     }
 
     #[test]
+    fn id_blur_is_checked_and_only_in_the_id_pipeline() {
+        let mut d = DataConfig {
+            id_blur: Some(BlurConfig {
+                p: 0.5,
+                sigma: [0.1, 2.0],
+                kernel: 5,
+            }),
+            outlier_gray: true,
+            ..DataConfig::default()
+        };
+        assert!(d.check().is_ok());
+        let blur = |p: &Pipeline| {
+            p.transforms
+                .iter()
+                .any(|t| matches!(t, Transform::RandomGaussianBlur { .. }))
+        };
+        assert!(blur(&d.train_pipeline()));
+        assert!(!blur(&d.outlier_pipeline()));
+        assert!(
+            d.outlier_pipeline()
+                .transforms
+                .contains(&Transform::Grayscale)
+        );
+        assert!(
+            !d.train_pipeline()
+                .transforms
+                .contains(&Transform::Grayscale)
+        );
+        d.id_blur.as_mut().unwrap().kernel = 4;
+        assert_eq!(d.check().unwrap_err().0, "id_blur");
+    }
+
+    #[test]
     fn join_clean_folds_parent_steps_lexically() {
         let j = |b: &str, p: &str| join_clean(Path::new(b), Path::new(p));
         assert_eq!(j("configs", "../runs/demo"), PathBuf::from("runs/demo"));

@@ -376,6 +376,41 @@ mod tests {
                 "vos.select",
                 "must not exceed samples",
             ),
+            (Box::new(|c| c.width = 0), "width", "at least 1"),
+            (
+                Box::new(|c| {
+                    c.init = Some("m.safetensors".into());
+                    c.finetune = Some(Finetune {
+                        from: Method::Baseline,
+                        epochs: None,
+                        lr: None,
+                    });
+                }),
+                "finetune",
+                "not both",
+            ),
+            (
+                Box::new(|c| {
+                    c.finetune = Some(Finetune {
+                        from: Method::Baseline,
+                        epochs: Some(0),
+                        lr: None,
+                    })
+                }),
+                "finetune.epochs",
+                "at least 1",
+            ),
+            (
+                Box::new(|c| {
+                    c.finetune = Some(Finetune {
+                        from: Method::Baseline,
+                        epochs: None,
+                        lr: Some(1e-9),
+                    })
+                }),
+                "finetune.lr",
+                "below lr_min",
+            ),
         ];
         for (edit, key, msg) in cases {
             let mut c = TrainConfig::default();
