@@ -558,7 +558,7 @@ pub fn center_crop(img: &RawImage, height: usize, width: usize) -> RawImage {
 /// kernel, `sigma ≤ 0`, or a side not above `k/2` (PyTorch's reflect padding needs `pad < side`).
 pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawImage> {
     let (h, w, c) = (img.height(), img.width(), img.channels());
-    if kernel % 2 == 0 || sigma.is_nan() || sigma <= 0.0 {
+    if kernel.is_multiple_of(2) || sigma.is_nan() || sigma <= 0.0 {
         return Err(Error::InvalidValue {
             key: "gaussian_blur".into(),
             msg: format!("kernel {kernel}, sigma {sigma}; expected an odd kernel and sigma > 0"),
@@ -670,12 +670,13 @@ fn row_sum<const L: usize>(items: &[[f32; L]]) -> [f32; L] {
             *p += x;
         }
     }
-    for j in 1..4 {
-        for l in 0..L {
-            partial[0][l] += partial[j][l];
+    let (first, rest) = partial.split_at_mut(1);
+    for other in rest.iter() {
+        for (p, x) in first[0].iter_mut().zip(other) {
+            *p += x;
         }
     }
-    partial[0]
+    first[0]
 }
 
 /// `hflip`: mirror left–right.
