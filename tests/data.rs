@@ -1,6 +1,7 @@
 //! `dream_ood::data` through its public API: the transforms against torchvision 0.26 with its own random
-//! draws replayed (`tests/fixtures/data/`, made by `tools/make_transform_fixtures.py`), and every source
-//! format end to end through the loader, on tiny files written here.
+//! draws replayed (`tests/fixtures/data/`, made by `tools/make_transform_fixtures.py`), `gaussian_blur`
+//! against `F.gaussian_blur`, and every source format end to end through the loader, on tiny files
+//! written here.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -18,7 +19,7 @@ use dream_ood::data::idx::{IdxDataset, Split};
 use dream_ood::data::manifest::GeneratedFolder;
 use dream_ood::data::mnist_json::MnistJson;
 use dream_ood::data::transforms::{
-    CropBox, Draws, Normalize, Pipeline, Size, Transform, resized_crop_params,
+    CropBox, Draws, Normalize, Pipeline, Size, Transform, gaussian_blur, resized_crop_params,
 };
 use dream_ood::data::{Dataset, Loader, LoaderConfig, OnError, RawImage};
 
@@ -33,6 +34,18 @@ struct Fixtures {
     cases: Vec<Case>,
     rrc_params: Vec<ParamsCase>,
     decodes: Vec<Decode>,
+    blurs: Vec<BlurCase>,
+}
+
+/// `F.gaussian_blur(img, [kernel, kernel], [sigma, sigma])` on a PIL image.
+#[derive(Debug, Deserialize)]
+struct BlurCase {
+    name: String,
+    image: String,
+    channels: usize,
+    kernel: usize,
+    sigma: f64,
+    expected: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -175,6 +188,12 @@ fn transform(spec: &Value) -> Transform {
                 ratio: f64_pair(&spec["ratio"]),
             }
         }
+        "grayscale" => Transform::Grayscale,
+        "random_gaussian_blur" => Transform::RandomGaussianBlur {
+            kernel: spec["kernel"].as_u64().unwrap() as usize,
+            sigma: f64_pair(&spec["sigma"]),
+            p: spec["p"].as_f64().unwrap(),
+        },
         other => panic!("unknown transform {other} in the fixture"),
     }
 }
@@ -196,7 +215,7 @@ fn max_diff(name: &str, got: &[f32], got_shape: &[usize], want: &ArrayD<f32>) ->
 #[test]
 fn transforms_equal_torchvision_with_its_draws_replayed() {
     let fx = load();
-    assert!(fx.cases.len() >= 40, "fixture has {} cases", fx.cases.len());
+    assert!(fx.cases.len() >= 62, "fixture has {} cases", fx.cases.len());
     for case in &fx.cases {
         let img = RawImage::open(&fixture_dir().join(&case.image)).unwrap();
         let normalize = match case.normalize.as_deref() {
@@ -204,6 +223,11 @@ fn transforms_equal_torchvision_with_its_draws_replayed() {
             Some("none") => Some(None),
             Some("cifar") => Some(Some(Normalize::cifar())),
             Some("imagenet") => Some(Some(Normalize::imagenet())),
+            // configs/demo.toml: Fashion-MNIST statistics, gray made RGB.
+            Some("demo") => Some(Some(Normalize {
+                mean: vec![0.286; 3],
+                std: vec![0.353; 3],
+            })),
             Some(other) => panic!("unknown normalisation {other}"),
         };
         let pipeline = Pipeline {
@@ -269,6 +293,45 @@ fn transforms_equal_torchvision_with_its_draws_replayed() {
             fx.tolerance
         );
     }
+}
+
+/// Tolerance 0, as on the PIL paths: the port does torch's float32 arithmetic, so even the sum nearest to
+/// a .5 tie (`blur_nearest_tie` in cases.json, 3e-5 levels, in the replayed case blur_k5_0) rounds as
+/// torchvision's; a kernel summed in another order gets that pixel 1 level wrong.
+#[test]
+fn gaussian_blur_equals_torchvision() {
+    let fx = load();
+    let mut at_the_limit = 0;
+    for b in &fx.blurs {
+        let img = RawImage::open(&fixture_dir().join(&b.image))
+            .unwrap()
+            .to_channels(b.channels)
+            .unwrap();
+        at_the_limit += usize::from(img.height().min(img.width()) == b.kernel / 2 + 1);
+        let out = gaussian_blur(&img, b.kernel, b.sigma).unwrap();
+        let want: ArrayD<u8> = ndarray_npy::read_npy(fixture_dir().join(&b.expected)).unwrap();
+        assert_eq!(
+            [out.height(), out.width(), out.channels()].as_slice(),
+            want.shape(),
+            "{}: shape",
+            b.name
+        );
+        let diffs: Vec<u8> = out
+            .data()
+            .iter()
+            .zip(want.iter())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let n = diffs.iter().filter(|&&d| d > 0).count();
+        assert!(
+            n == 0,
+            "{}: {n} of {} pixels differ, max {} levels",
+            b.name,
+            diffs.len(),
+            diffs.iter().max().unwrap()
+        );
+    }
+    assert!(at_the_limit >= 2, "no blur at the reflect-padding limit");
 }
 
 #[test]

@@ -9,19 +9,32 @@ Random transforms are made deterministic by recording torchvision's own draws: `
 and `torch.Tensor.uniform_` are wrapped so every call's range and result are written to the case. The Rust
 test replays them through its `Draws` trait and must ask for the same ranges in the same order and produce
 the same pixels. This covers RandomHorizontalFlip, RandomCrop(padding), RandomResizedCrop (including its
-10-try fallback, forced with scale (0.99, 1) on a 100×10 image) and whole pipelines.
+10-try fallback, forced with scale (0.99, 1) on a 100×10 image), Grayscale (RGB and gray),
+RandomApply([GaussianBlur(k, sigma)], p) (k 3 and 5, p 1 and 0.5, RGB and 1-channel) and whole pipelines,
+the demo's among them (configs/demo.toml: a gray 28×28 made RGB, RandomCrop → blur → Normalize; outliers
+Resize → Grayscale → RandomCrop). `F.gaussian_blur` is also run alone with a fixed σ (`blurs` in
+cases.json): sides just above half the window, where reflect padding is at its limit, and windows of 9
+and 11, whose kernel sum torch vectorises.
 
 Inputs: small PNGs generated below from numpy's PCG64 (`default_rng(SEED)`): noise, gradients and a smooth
-pattern, RGB and gray, odd sizes so that every rounding rule is exercised.
+pattern, RGB and gray, odd sizes so that every rounding rule is exercised. Images added later are drawn
+after the earlier ones, so rerunning reproduces every existing file byte for byte.
 
-Source: torchvision 0.26.0, torch 2.11, Pillow 13.0, numpy 2.4 (the project's fixture venv), seed 20261126.
+Source: torchvision 0.26.0, torch 2.11, Pillow 13.0, numpy 2.4 (the project's fixture venv), seed 20261126,
+on an x86-64 CPU (the blur's float32 sums follow torch's x86 kernels).
 Writes:  tests/fixtures/data/images/*        the inputs (PNG; JPEG and WebP for the decoding check)
          tests/fixtures/data/cases.json      every case: image, channels, transforms, normalisation, draws,
-                                             expected-output file, and for resizes the tensor-path file
+                                             expected-output file, and for resizes the tensor-path file;
+                                             `blurs` (F.gaussian_blur alone) and `blur_nearest_tie`
          tests/fixtures/data/out/*.npy       expected outputs: uint8 HWC (PIL image) or float32 CHW (tensor)
 Run:     /work/main/.deps/venv/bin/python tools/make_transform_fixtures.py   (or make fixtures-venv first)
 Tolerance: 0 on every PIL-path output (uint8 and float32 alike: Pillow's fixed-point resampler is ported
-exactly, and ToTensor/Normalize are the same float32 operations). Resize is also compared with torchvision's
+exactly, and ToTensor/Normalize are the same float32 operations). GaussianBlur too: it is a float32 conv2d
+rounded to uint8, and the Rust port does torch's arithmetic (kernel summed in torch's order, one fused
+multiply-add per tap; torch does not fuse for 1-channel 3×3 windows, a last-bit difference). To show how
+much the order matters, each blur is run again on the float image and the distance of the sum nearest to a
+.5 tie is recorded as `blur_nearest_tie`: 3e-5 levels, one pixel of blur_k5_0 and of blur_half_0 (same
+draws), which a kernel summed left to right gets 1 level wrong. Resize is also compared with torchvision's
 tensor path (`antialias=True` on a float tensor): that path does not round to uint8 between its two passes nor
 at the end, so it differs from Pillow by up to `tensor_path_max_abs_diff` levels (recorded in cases.json; the
 test allows that bound). Decoding (`RawImage::open` against `np.asarray(Image.open(...))`): PNG and WebP
@@ -37,6 +50,7 @@ import numpy as np
 import torch
 import torchvision
 import torchvision.transforms as T
+import torchvision.transforms._functional_tensor as F_t
 import torchvision.transforms.functional as F
 from PIL import Image
 
@@ -44,6 +58,7 @@ SEED = 20261126
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "data"
 CIFAR = ([x / 255 for x in [125.3, 123.0, 113.9]], [x / 255 for x in [63.0, 62.1, 66.7]])
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+DEMO = ([0.286] * 3, [0.353] * 3)  # configs/demo.toml [data] mean, std (Fashion-MNIST, gray made RGB)
 
 # --- recording torch's draws -------------------------------------------------------------------------
 DRAWS = []
@@ -71,6 +86,23 @@ def _rec_uniform(self, a=0.0, b=1.0, *, generator=None):
 
 torch.randint, torch.rand, torch.Tensor.uniform_ = _rec_randint, _rec_rand, _rec_uniform
 
+# --- how close each blur's float32 sums come to a .5 tie ---------------------------------------------
+# F.gaussian_blur calls F_t.gaussian_blur, which rounds its float32 correlation to uint8. Running it again
+# on the float image gives the same sums unrounded; a sum far from .5 rounds the same whatever the order
+# of its additions, so the distance bounds how much the Rust port's order may matter.
+TIE_DISTANCES = []
+_blur = F_t.gaussian_blur
+
+
+def _rec_blur(img, kernel_size, sigma):
+    if not img.is_floating_point():
+        raw = _blur(img.float(), kernel_size, sigma)
+        TIE_DISTANCES.append(float((raw - raw.floor() - 0.5).abs().min()))
+    return _blur(img, kernel_size, sigma)
+
+
+F_t.gaussian_blur = _rec_blur
+
 
 # --- inputs --------------------------------------------------------------------------------------------
 def make_images(rng):
@@ -92,6 +124,19 @@ def make_images(rng):
         "rgb_32x32": Image.fromarray(rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8), "RGB"),
         "rgb_100x10": Image.fromarray(rng.integers(0, 256, size=(10, 100, 3), dtype=np.uint8), "RGB"),
     }
+    # Added for Grayscale and GaussianBlur, drawn after the images above so that those stay the same:
+    # a Fashion-MNIST-like 28×28 (a bright textured blob on black) and images whose sides are just
+    # above half a blur window.
+    fy, fx = np.mgrid[0:28, 0:28]
+    blob = np.exp(-((((fx - 13.5) / 8.0) ** 2 + ((fy - 14.0) / 11.0) ** 2) ** 2))
+    stripes = 1 + 0.25 * np.sin(fx / 1.3)
+    fashion = np.clip(230 * blob * stripes + rng.integers(-15, 16, size=fx.shape), 0, 255)
+    images.update({
+        "gray_28x28": Image.fromarray(fashion.astype(np.uint8), "L"),
+        "gray_3x3": Image.fromarray(rng.integers(0, 256, size=(3, 3), dtype=np.uint8), "L"),
+        "rgb_7x4": Image.fromarray(rng.integers(0, 256, size=(4, 7, 3), dtype=np.uint8), "RGB"),
+        "rgb_3x6": Image.fromarray(rng.integers(0, 256, size=(6, 3, 3), dtype=np.uint8), "RGB"),
+    })
     (ROOT / "images").mkdir(parents=True, exist_ok=True)
     for name, img in images.items():
         img.save(ROOT / "images" / f"{name}.png")
@@ -99,7 +144,7 @@ def make_images(rng):
 
 
 # --- transform specs (the JSON the Rust test parses) and their torchvision objects ----------------------
-def tv(spec):
+def tv(spec, channels):
     k = spec["kind"]
     if k == "resize":
         return T.Resize(spec["size"], interpolation=T.InterpolationMode.BILINEAR)
@@ -111,16 +156,20 @@ def tv(spec):
         return T.RandomHorizontalFlip(spec["p"])
     if k == "random_resized_crop":
         return T.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]))
+    if k == "grayscale":
+        return T.Grayscale(num_output_channels=channels)
+    if k == "random_gaussian_blur":
+        return T.RandomApply([T.GaussianBlur(spec["kernel"], sigma=tuple(spec["sigma"]))], p=spec["p"])
     raise ValueError(k)
 
 
 def run_case(cases, name, images, image, transforms, channels=3, normalize=None, seed=0):
     img = images[image].convert("RGB" if channels == 3 else "L")
-    steps = [tv(s) for s in transforms]
+    steps = [tv(s, channels) for s in transforms]
     if normalize is not None:
         steps.append(T.ToTensor())
         if normalize != "none":
-            mean, std = {"cifar": CIFAR, "imagenet": IMAGENET}[normalize]
+            mean, std = {"cifar": CIFAR, "imagenet": IMAGENET, "demo": DEMO}[normalize]
             steps.append(T.Normalize(mean[:channels], std[:channels]))
     torch.manual_seed(seed)
     DRAWS.clear()
@@ -208,6 +257,51 @@ def main():
     for image in ["rgb_37x23", "gray_20x31", "rgb_64x48"]:
         run_case(cases, f"pipeline_imagenet_test_{image}", images, image, in_test, 3, "imagenet")
 
+    # Grayscale(num_output_channels = the image's): PIL's luma, back to RGB; a no-op on gray.
+    run_case(cases, "grayscale_rgb", images, "rgb_37x23", [{"kind": "grayscale"}], 3)
+    run_case(cases, "grayscale_gray", images, "gray_20x31", [{"kind": "grayscale"}], 1)
+
+    # RandomApply([GaussianBlur(k, sigma=(0.1, 2))], p): p = 1 (always blurred: draws rand, then σ), on
+    # RGB and on 1-channel images; p = 0.5, where a draw above p skips the blur and σ is not drawn.
+    for k in (3, 5):
+        for s, image in enumerate(["rgb_37x23", "gray_20x31", "rgb_64x48"]):
+            blur = {"kind": "random_gaussian_blur", "kernel": k, "sigma": [0.1, 2.0], "p": 1.0}
+            channels = 1 if image.startswith("gray") else 3
+            run_case(cases, f"blur_k{k}_{s}", images, image, [blur], channels, seed=s)
+    half = {"kind": "random_gaussian_blur", "kernel": 5, "sigma": [0.1, 2.0], "p": 0.5}
+    n_draws = [len(run_case(cases, f"blur_half_{s}", images, "rgb_37x23", [half], 3, seed=s)[0]["draws"])
+               for s in range(6)]
+    assert set(n_draws) == {1, 2}, f"p = 0.5 must both skip and blur: {n_draws}"
+
+    # The demo's pipelines (configs/demo.toml: size 28, padding 2, augment "crop", id_blur p 0.5 σ 0.1..2,
+    # outlier_gray; DataConfig::train_pipeline and outlier_pipeline): a gray 28×28 made RGB, then
+    # RandomCrop → RandomGaussianBlur(5) → ToTensor → Normalize; outliers Resize → Grayscale → RandomCrop.
+    demo_train = [{"kind": "random_crop", "size": [28, 28], "padding": 2}, dict(half)]
+    n_draws = [len(run_case(cases, f"pipeline_demo_train_{s}", images, "gray_28x28", demo_train, 3, "demo",
+                            seed=s)[0]["draws"]) for s in range(4)]
+    assert set(n_draws) == {3, 4}, f"the demo cases must both skip and blur: {n_draws}"
+    demo_outliers = [{"kind": "resize", "size": 28}, {"kind": "grayscale"},
+                     {"kind": "random_crop", "size": [28, 28], "padding": 2}]
+    for s in range(2):
+        run_case(cases, f"pipeline_demo_outliers_{s}", images, "rgb_64x48", demo_outliers, 3, "demo", seed=s)
+
+    # F.gaussian_blur alone with a fixed σ (taken as float32, as torch divides a float32 tensor by it):
+    # sides just above half the window (reflect padding at its limit, PyTorch needs pad < side), a
+    # 1-channel 3×3 window, and windows of 9 and 11, whose kernel sum torch vectorises.
+    blurs = []
+    for name, image, channels, k, sigma in [
+        ("edge_gray_3x3_k5", "gray_3x3", 1, 5, 1.5), ("edge_gray_3x3_k3", "gray_3x3", 1, 3, 0.7),
+        ("edge_rgb_7x4_k7", "rgb_7x4", 3, 7, 0.7), ("edge_rgb_3x6_k5", "rgb_3x6", 3, 5, 2.0),
+        ("gray_28x28_as_rgb_k9", "gray_28x28", 3, 9, 1.7), ("rgb_64x48_k11", "rgb_64x48", 3, 11, 1.9),
+    ]:
+        img = images[image].convert("RGB" if channels == 3 else "L")
+        arr = np.asarray(F.gaussian_blur(img, [k, k], [sigma, sigma]), dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        np.save(ROOT / "out" / f"blur_{name}.npy", arr)
+        blurs.append({"name": name, "image": f"images/{image}.png", "channels": channels, "kernel": k,
+                      "sigma": sigma, "expected": f"out/blur_{name}.npy"})
+
     # RandomResizedCrop.get_params alone, many draws, several shapes (the crop box only).
     params = []
     for shape in [(48, 64), (23, 37), (10, 100), (300, 7)]:
@@ -244,10 +338,13 @@ def main():
         "cases": cases,
         "rrc_params": params,
         "decodes": decodes,
+        "blurs": blurs,
+        "blur_nearest_tie": math.floor(min(TIE_DISTANCES) * 1e6) / 1e6,
     }
     (ROOT / "cases.json").write_text(json.dumps(doc, indent=1) + "\n")
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
-    print(f"{len(cases)} cases, {len(params)} crop boxes, tensor-path max |diff| {tensor_diff:.4f} levels, "
+    print(f"{len(cases)} cases, {len(params)} crop boxes, {len(blurs)} blurs, tensor-path max |diff| "
+          f"{tensor_diff:.4f} levels, blur sums at least {min(TIE_DISTANCES):.2e} from a .5 tie, "
           f"{total / 1024:.0f} KiB in {ROOT}")
 
 

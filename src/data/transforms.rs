@@ -352,8 +352,9 @@ pub fn apply_one(t: &Transform, img: RawImage, draws: &mut dyn Draws) -> Result<
             }
         }
         Transform::RandomGaussianBlur { kernel, sigma, p } => {
-            // RandomApply: `if p < torch.rand(1): return img`.
-            if p < draws.rand() {
+            // RandomApply: `if p < torch.rand(1): return img`, compared in float32 (torch casts p to the
+            // tensor's dtype).
+            if (p as f32 as f64) < draws.rand() {
                 img
             } else {
                 let sigma = draws.uniform(sigma.0, sigma.1);
@@ -538,13 +539,31 @@ pub fn center_crop(img: &RawImage, height: usize, width: usize) -> RawImage {
     )
 }
 
-/// `hflip`: mirror left–right.
-/// torchvision's `F.gaussian_blur` on a uint8 image: the float32 kernel `exp(-x²/2σ²)` normalised over
-/// `x = -(k-1)/2 … (k-1)/2`, outer product for 2-D, reflect padding of `k/2` (the edge pixel not
-/// repeated), float32 correlation, round half to even, uint8. Needs each side ≥ `k/2 + 1` (as PyTorch's
-/// reflect padding).
+/// torchvision's `F.gaussian_blur(img, [k, k], [σ, σ])` on a uint8 PIL image, in float32 as torch
+/// computes it (`_functional_tensor.py` `gaussian_blur`, torchvision 0.26):
+///
+/// 1. the 1-D kernel `exp(-0.5 (x / σ)²)` at `x = -k/2 … k/2`, divided by its sum (torch's summation
+///    order, [`torch_sum_f32`]); the 2-D kernel is the outer product `w[ky] · w[kx]`;
+/// 2. reflect padding of `k/2` on every side (the edge pixel is not repeated);
+/// 3. a depthwise correlation, each output one fused multiply-add per tap, rows of the window first
+///    (what torch's CPU conv2d does for 3 channels, and for 1 channel from a 5×5 window up);
+/// 4. `torch.round` (half to even), then uint8.
+///
+/// Deviation: for 1-channel images and a 3×3 window torch 2.11's CPU conv2d (x86) multiplies and adds
+/// without fusing, so a sum can differ from ours in its last bits (up to 3e-5 on 0..255 in our
+/// trials); a pixel changes only when the sum is that close to a .5 tie. The 1-channel 3×3 fixtures
+/// stay at least 8e-4 from one.
+///
+/// `sigma` is used as float32 (torch divides a float32 tensor by it). Fails, as torchvision, on an even
+/// kernel, `sigma ≤ 0`, or a side not above `k/2` (PyTorch's reflect padding needs `pad < side`).
 pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawImage> {
     let (h, w, c) = (img.height(), img.width(), img.channels());
+    if kernel.is_multiple_of(2) || sigma.is_nan() || sigma <= 0.0 {
+        return Err(Error::InvalidValue {
+            key: "gaussian_blur".into(),
+            msg: format!("kernel {kernel}, sigma {sigma}; expected an odd kernel and sigma > 0"),
+        });
+    }
     let half = kernel / 2;
     if h <= half || w <= half {
         return Err(Error::Shape {
@@ -553,22 +572,13 @@ pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawIma
             got: format!("{h}×{w}"),
         });
     }
-    let sigma = sigma as f32;
-    let ksize_half = (kernel as f32 - 1.0) * 0.5;
-    let steps = kernel.max(2) - 1;
-    let k1: Vec<f32> = (0..kernel)
-        .map(|i| {
-            // torch.linspace(-ksize_half, ksize_half, kernel)
-            let x = if kernel == 1 {
-                -ksize_half
-            } else {
-                -ksize_half + (2.0 * ksize_half) * (i as f32 / steps as f32)
-            };
-            (-0.5 * (x / sigma).powi(2)).exp()
-        })
+    // 1. Kernel, [k] then [k, k] row-major.
+    let k1 = gaussian_kernel1d(kernel, sigma as f32);
+    let k2: Vec<f32> = k1
+        .iter()
+        .flat_map(|wy| k1.iter().map(move |wx| wy * wx))
         .collect();
-    let sum: f32 = k1.iter().sum();
-    let k1: Vec<f32> = k1.iter().map(|v| v / sum).collect();
+    // 2. Reflect: -1 → 1, n → n - 2.
     let reflect = |i: isize, n: usize| -> usize {
         let n = n as isize;
         let r = if i < 0 {
@@ -585,14 +595,16 @@ pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawIma
     for y in 0..h {
         for x in 0..w {
             for ch in 0..c {
+                // 3. One fused multiply-add per tap, window rows first.
                 let mut acc = 0f32;
-                for (ky, wy) in k1.iter().enumerate() {
-                    let sy = reflect(y as isize + ky as isize - half as isize, h);
-                    for (kx, wx) in k1.iter().enumerate() {
-                        let sx = reflect(x as isize + kx as isize - half as isize, w);
-                        acc += (wy * wx) * src[(sy * w + sx) * c + ch] as f32;
+                for ky in 0..kernel {
+                    let sy = reflect((y + ky) as isize - half as isize, h);
+                    for kx in 0..kernel {
+                        let sx = reflect((x + kx) as isize - half as isize, w);
+                        acc = k2[ky * kernel + kx].mul_add(src[(sy * w + sx) * c + ch] as f32, acc);
                     }
                 }
+                // 4. Round half to even; the kernel sums to 1, so 0 ≤ acc ≤ 255 up to rounding.
                 out[(y * w + x) * c + ch] = acc.round_ties_even().clamp(0.0, 255.0) as u8;
             }
         }
@@ -600,6 +612,74 @@ pub fn gaussian_blur(img: &RawImage, kernel: usize, sigma: f64) -> Result<RawIma
     RawImage::new(w, h, c, out)
 }
 
+/// `_get_gaussian_kernel1d(kernel, sigma)` in float32, for an odd `kernel`.
+fn gaussian_kernel1d(kernel: usize, sigma: f32) -> Vec<f32> {
+    let half = (kernel / 2) as f32;
+    let pdf: Vec<f32> = (0..kernel)
+        .map(|i| {
+            // torch.linspace(-(k-1)/2, (k-1)/2, k) has step 1 for odd k: the points are exact integers.
+            let z = (i as f32 - half) / sigma;
+            (-0.5 * (z * z)).exp()
+        })
+        .collect();
+    let sum = torch_sum_f32(&pdf);
+    pdf.iter().map(|v| v / sum).collect()
+}
+
+/// `torch.sum` of a contiguous float32 vector on an x86 CPU, in torch's order (`cascade_sum` in
+/// `aten/src/ATen/native/cpu/SumKernel.cpp`, torch 2.11): below 8 values, `row_sum` (four
+/// interleaved partial sums, the tail added to the first, then the other three); from 8 values,
+/// `row_sum` over 8-lane vectors, then the scalar tail, then the 8 lanes. Checked against torch for
+/// lengths 1–199; the cascade levels torch adds from 512 values on are not modelled.
+///
+/// The order matters: the blur kernel is divided by this sum, and a sum one ulp off moves a weight by
+/// an ulp. Deviation: on other CPUs (aarch64) torch's vectors have other widths and windows of 8 or
+/// more may get weights an ulp apart.
+fn torch_sum_f32(v: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    if v.len() < LANES {
+        return row_sum(&v.iter().map(|&x| [x]).collect::<Vec<_>>())[0];
+    }
+    let vectors: Vec<[f32; LANES]> = v
+        .chunks_exact(LANES)
+        .map(|c| c.try_into().expect("invariant: chunks of LANES"))
+        .collect();
+    let lanes = row_sum(&vectors);
+    let mut acc = 0f32;
+    for x in v.chunks_exact(LANES).remainder() {
+        acc += x;
+    }
+    for x in lanes {
+        acc += x;
+    }
+    acc
+}
+
+/// torch's `row_sum` with `ilp_factor = 4`, lane-wise over `L`-wide items: item `i` goes to partial
+/// sum `i % 4` while four fit, the rest to partial sum 0, then partial sums 1, 2, 3 are added to 0.
+fn row_sum<const L: usize>(items: &[[f32; L]]) -> [f32; L] {
+    let full = items.len() / 4 * 4;
+    let mut partial = [[0f32; L]; 4];
+    for (i, item) in items[..full].iter().enumerate() {
+        for (p, x) in partial[i % 4].iter_mut().zip(item) {
+            *p += x;
+        }
+    }
+    for item in &items[full..] {
+        for (p, x) in partial[0].iter_mut().zip(item) {
+            *p += x;
+        }
+    }
+    let (first, rest) = partial.split_at_mut(1);
+    for other in rest.iter() {
+        for (p, x) in first[0].iter_mut().zip(other) {
+            *p += x;
+        }
+    }
+    first[0]
+}
+
+/// `hflip`: mirror left–right.
 pub fn hflip(img: &RawImage) -> RawImage {
     let (w, c) = (img.width(), img.channels());
     let mut out = img.clone();
@@ -807,6 +887,47 @@ mod tests {
         );
         // Too few statistics for the channels is an error, not an index panic.
         assert!(to_tensor(&rgb, Some(&n)).is_err());
+    }
+
+    #[test]
+    fn sums_in_torch_order() {
+        // Values from `torch.tensor(v).sum()` (torch 2.11, x86); a left-to-right sum gives 1.5 and 1.
+        // 5 values: ((x0 + x4) + x1 + x2) + x3.
+        assert_eq!(torch_sum_f32(&[1.0, 1e8, -1e8, 0.5, 1.0]), 0.5);
+        // 11 values: one 8-lane vector, the 3-value tail first, then the lanes.
+        let v = [1e8, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1e8, 1.0];
+        assert_eq!(torch_sum_f32(&v), 7.0);
+    }
+
+    #[test]
+    fn blur_kernel_one_is_the_identity_and_sides_must_exceed_half_the_kernel() {
+        let img = ramp(3, 2);
+        assert_eq!(gaussian_blur(&img, 1, 0.7).unwrap(), img);
+        // A 5×5 window reflects 2 pixels: 3 px sides work, 2 px do not (PyTorch's reflect padding).
+        assert!(gaussian_blur(&ramp(3, 3), 5, 1.0).is_ok());
+        let err = gaussian_blur(&ramp(3, 2), 5, 1.0).unwrap_err().to_string();
+        assert!(err.contains("sides above 2"), "{err}");
+        assert!(gaussian_blur(&img, 4, 1.0).is_err());
+        assert!(gaussian_blur(&img, 3, 0.0).is_err());
+    }
+
+    #[test]
+    fn blur_applies_when_p_is_not_below_the_draw() {
+        let t = Transform::RandomGaussianBlur {
+            kernel: 3,
+            sigma: (0.1, 2.0),
+            p: 0.5,
+        };
+        let img = ramp(4, 4);
+        // rand 0.6 > p: skipped, no σ drawn (Fixed would panic on a second draw).
+        assert_eq!(
+            apply_one(&t, img.clone(), &mut Fixed(vec![0.6])).unwrap(),
+            img
+        );
+        // rand 0.5 = p: applied with σ = 1.5.
+        let out = apply_one(&t, img.clone(), &mut Fixed(vec![0.5, 1.5])).unwrap();
+        assert_eq!(out, gaussian_blur(&img, 3, 1.5).unwrap());
+        assert_ne!(out, img);
     }
 
     #[test]
