@@ -95,32 +95,44 @@ impl Sgd {
             weight_decay,
             nesterov,
         } = self.cfg;
+        // In place, with scalars as 0-dim tensors for `addcmul_` (`x += a · b`): one pass per operation and
+        // no full-size temporaries. Allocating and freeing a parameter-sized temporary per operation (the
+        // first version) made the allocator map and unmap pages every step: a fifth of the time in the
+        // kernel on a CPU (BENCHMARKS.md, stage 4). The gradient is overwritten by `d_p`, as nothing reads it
+        // after the step and `zero_grad` clears it.
+        let Some(device) = self.params.first().map(|(_, p)| p.device()) else {
+            return;
+        };
+        let scalar = |v: f64| Tensor::from(v as f32).to_device(device);
+        let (wd, mom, neg_lr) = (scalar(weight_decay), scalar(momentum), scalar(-lr));
         tch::no_grad(|| {
             for ((_, p), buf) in self.params.iter_mut().zip(self.buffers.iter_mut()) {
-                let grad = p.grad();
-                if !grad.defined() {
+                let mut g = p.grad();
+                if !g.defined() {
                     continue;
                 }
-                let mut g = if weight_decay != 0.0 {
-                    &grad + &*p * weight_decay
-                } else {
-                    grad.copy()
-                };
-                if momentum != 0.0 {
-                    let b = match buf {
-                        Some(b) => {
-                            let _ = b.g_mul_scalar_(momentum).g_add_(&g);
-                            b
-                        }
-                        None => buf.insert(g.copy()),
-                    };
-                    g = if nesterov {
-                        g + &*b * momentum
-                    } else {
-                        b.copy()
-                    };
+                if weight_decay != 0.0 {
+                    let _ = g.addcmul_(p, &wd); // d_p = grad + wd · p
                 }
-                let _ = p.g_sub_(&(g * lr));
+                if momentum != 0.0 {
+                    match buf {
+                        Some(b) => {
+                            let _ = b.g_mul_scalar_(momentum).g_add_(&g); // buf = m · buf + d_p
+                            if nesterov {
+                                let _ = g.addcmul_(b, &mom); // d_p += m · buf
+                            } else {
+                                g.copy_(b);
+                            }
+                        }
+                        None => {
+                            let b = buf.insert(g.copy()); // first step: buf = d_p
+                            if nesterov {
+                                let _ = g.addcmul_(b, &mom);
+                            }
+                        }
+                    }
+                }
+                let _ = p.addcmul_(&g, &neg_lr); // p -= lr · d_p
             }
         });
     }
