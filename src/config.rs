@@ -938,7 +938,7 @@ mod tests {
         let msg = parse_err("[run]\nzzzzqqq = 1\n");
         assert!(
             msg.contains(
-                "run.zzzzqqq: unknown key (valid keys: out_dir, seed, device, threads, methods)"
+                "run.zzzzqqq: unknown key (valid keys: out_dir, seed, device, threads, methods, notes)"
             ),
             "{msg}"
         );
