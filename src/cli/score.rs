@@ -33,6 +33,22 @@ pub struct ScoreArgs {
 }
 
 /// Runs `score`: exit 1 when any file could not be scored (its row says why), 0 otherwise.
+/// Scores `files` into rows written to `out` in `--format`; returns the totals and `out` (flushed by the
+/// caller: stdout as is, a file before its rename).
+fn score_into<W: Write>(
+    out: W,
+    detector: &mut Detector,
+    files: &[PathBuf],
+    args: &ScoreArgs,
+    progress: &dyn dream_ood::progress::Progress,
+) -> anyhow::Result<(dream_ood::deploy::score::Summary, W)> {
+    let mut writer = RowWriter::new(out, args.format)?;
+    let summary = score_files(detector, files, args.batch, progress, &mut |row: Row| {
+        writer.write(&row)
+    })?;
+    Ok((summary, writer.finish()?))
+}
+
 pub fn run(
     args: ScoreArgs,
     progress: &dyn dream_ood::progress::Progress,
@@ -49,31 +65,19 @@ pub fn run(
     }
     let summary = match &args.out {
         None => {
-            let stdout = std::io::stdout().lock();
-            let mut writer = RowWriter::new(std::io::BufWriter::new(stdout), args.format)?;
-            let summary = score_files(
-                &mut detector,
-                &files,
-                args.batch,
-                progress,
-                &mut |row: Row| writer.write(&row),
-            )?;
-            writer.finish()?.flush()?;
+            let stdout = std::io::BufWriter::new(std::io::stdout().lock());
+            let (summary, mut out) = score_into(stdout, &mut detector, &files, &args, progress)?;
+            out.flush()?;
             summary
         }
         Some(out) => {
             let tmp = temp_path(out);
             let file = std::fs::File::create(&tmp).map_err(|e| dream_ood::Error::io(&tmp, e))?;
             let result = (|| -> anyhow::Result<_> {
-                let mut writer = RowWriter::new(std::io::BufWriter::new(file), args.format)?;
-                let summary = score_files(
-                    &mut detector,
-                    &files,
-                    args.batch,
-                    progress,
-                    &mut |row: Row| writer.write(&row),
-                )?;
-                let file = writer.finish()?.into_inner().map_err(|e| e.into_error())?;
+                let buffered = std::io::BufWriter::new(file);
+                let (summary, buffered) =
+                    score_into(buffered, &mut detector, &files, &args, progress)?;
+                let file = buffered.into_inner().map_err(|e| e.into_error())?;
                 file.sync_all()?;
                 std::fs::rename(&tmp, out).map_err(|e| dream_ood::Error::io(out, e))?;
                 Ok(summary)

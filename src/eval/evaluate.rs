@@ -381,7 +381,7 @@ pub fn run(job: &EvalJob, progress: &dyn Progress) -> Result<EvalReport> {
     let report = EvalReport {
         protocol: settings.protocol.name(),
         seed: job.seed,
-        device: format!("{:?}", job.device),
+        device: crate::runtime::device_name(job.device),
         settings: settings.clone(),
         id_test: test.info.clone(),
         fit: fit.map(|f| f.info),

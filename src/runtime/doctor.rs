@@ -210,10 +210,7 @@ fn torch_smoke() -> Result<String> {
             ),
         });
     }
-    let device = match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_owned(),
-    };
+    let device = super::device_name(device);
     Ok(format!(
         "{STEPS} SGD steps on {device}: MSE {first:.3} -> {last:.3}"
     ))

@@ -159,6 +159,14 @@ fn loaded_library(file_name: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// A device as configs spell it (`cpu`, `cuda:N`), for logs and reports.
+pub fn device_name(device: tch::Device) -> String {
+    match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_owned(),
+    }
+}
+
 /// Resolves a device spec against what libtorch sees. An explicit CUDA device without CUDA is an error;
 /// `auto` logs its choice.
 pub fn resolve_device(spec: DeviceSpec) -> Result<tch::Device> {
