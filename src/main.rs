@@ -334,6 +334,17 @@ fn print_stdout(text: &str) -> std::io::Result<()> {
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
+    // Commands that run libtorch on large tensors keep freed heap memory (src/runtime/heap.rs).
+    if matches!(
+        command,
+        Command::Latent(_)
+            | Command::Sample(_)
+            | Command::Train(_)
+            | Command::Eval(_)
+            | Command::Run(_)
+    ) {
+        dream_ood::runtime::heap::keep_freed_memory();
+    }
     match command {
         Command::Doctor { json } => {
             let report =

@@ -478,6 +478,7 @@ fn dream_ood_training_separates_id_from_outliers() {
         "test_acc",
         "seconds",
         "images_per_s",
+        "data_wait_s",
     ] {
         num(&rows[0], key);
     }

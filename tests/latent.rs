@@ -140,6 +140,17 @@ fn latent_writes_model_bank_and_log_and_resumes_exactly() {
     assert_eq!(read_f32(&run.join("tokens.npy")).shape(), &[CLASSES, DIM]);
     let log = std::fs::read_to_string(run.join("log.csv")).unwrap();
     assert_eq!(log.lines().count(), 4, "{log}");
+    // Each epoch says how long training waited for the loader: a part of the epoch's seconds.
+    let header: Vec<&str> = log.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    for row in log.lines().skip(1) {
+        let cells: Vec<f64> = row.split(',').map(|c| c.parse().unwrap()).collect();
+        let (wait, secs) = (cells[col("data_wait_s")], cells[col("seconds")]);
+        assert!(
+            (0.0..=secs).contains(&wait),
+            "data_wait_s {wait} of {secs} s"
+        );
+    }
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     let acc = summary["test_nearest_token_top1"].as_f64().unwrap();

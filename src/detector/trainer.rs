@@ -823,6 +823,8 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
             .as_ref()
             .map(|l| GeneratedStream::new(l, epoch, cfg.batching));
         let mut lr = cosine_lr(step, total_steps, cfg.lr, cfg.lr_min);
+        // Time spent blocked on the loaders: near zero when decoding keeps ahead of training.
+        let mut data_wait = 0.0f64;
         for _ in 0..steps_per_epoch {
             if stop.load(Ordering::SeqCst) {
                 progress.finish();
@@ -833,6 +835,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
                 report.interrupted = true;
                 return Ok(report);
             }
+            let waited = Instant::now();
             let Some(id) = id_batches.next().transpose()? else {
                 break;
             };
@@ -843,6 +846,7 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
                 },
                 None => None,
             };
+            data_wait += waited.elapsed().as_secs_f64();
             let images =
                 (id.indices.len() + gen_batch.as_ref().map_or(0, |b| b.indices.len())) as u64;
             let batch = step_batch(id, gen_batch, job, step)?;
@@ -919,7 +923,8 @@ pub fn run(job: &TrainJob, progress: &dyn Progress, stop: &AtomicBool) -> Result
             }
         }
         row.push("seconds", seconds)
-            .push("images_per_s", images_per_s);
+            .push("images_per_s", images_per_s)
+            .push("data_wait_s", data_wait);
         log.append(row.clone())?;
         tracing::info!(
             epoch = epoch + 1,

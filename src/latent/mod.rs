@@ -249,7 +249,13 @@ pub fn run(job: &LatentJob, progress: &dyn Progress) -> Result<LatentReport> {
             while pos.epoch < s.epochs {
                 let t0 = Instant::now();
                 let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
-                for batch in loader.epoch(pos.epoch)? {
+                // Time spent blocked on the loader: near zero when decoding keeps ahead of training.
+                let mut data_wait = 0.0f64;
+                let mut batches = loader.epoch(pos.epoch)?;
+                loop {
+                    let waited = Instant::now();
+                    let Some(batch) = batches.next() else { break };
+                    data_wait += waited.elapsed().as_secs_f64();
                     let batch = batch?;
                     let x = batch.images.to_device(job.device);
                     let y = batch.labels.to_device(job.device);
@@ -280,7 +286,8 @@ pub fn run(job: &LatentJob, progress: &dyn Progress) -> Result<LatentReport> {
                     .push("loss", mean)
                     .push("train_acc", correct / seen.max(1) as f64)
                     .push("seconds", secs)
-                    .push("images_per_s", seen as f64 / secs.max(1e-9));
+                    .push("images_per_s", seen as f64 / secs.max(1e-9))
+                    .push("data_wait_s", data_wait);
                 files.save_epoch(&vs, &info, &opt, Vec::new(), pos)?;
                 log.append(row)?;
                 tracing::info!(

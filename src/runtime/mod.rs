@@ -7,10 +7,12 @@
 //! - **libtorch** is linked; the loader finds it through the rpath that `build.rs` sets. [`libtorch_info`]
 //!   reports the version built against and the file actually loaded.
 //! - [`resolve_device`] turns a [`DeviceSpec`] into a `tch::Device`, failing instead of falling back.
+//! - [`heap`] keeps freed memory in the process for libtorch training on the CPU (glibc `mallopt`).
 //!
 //! `dream-ood doctor` ([`doctor`]) reports all of it and runs both runtimes in one process.
 
 pub mod doctor;
+pub mod heap;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
