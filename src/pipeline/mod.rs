@@ -31,6 +31,21 @@ use crate::progress::Progress;
 pub mod report;
 pub mod samples;
 
+/// The per-stage `out` keys a config sets. `run` ignores them: its stamps, resume and later stages rely on
+/// the fixed layout of the run folder.
+fn ignored_out_keys(c: &Config) -> Vec<&'static str> {
+    [
+        ("latent.out", c.latent.out.is_some()),
+        ("sample.out", c.sample.out.is_some()),
+        ("generate.out", c.generate.out.is_some()),
+        ("train.out", c.train.out.is_some()),
+        ("eval.out", c.eval.out.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, set)| set.then_some(k))
+    .collect()
+}
+
 fn names(methods: &[crate::detector::Method]) -> String {
     let names: Vec<&str> = methods.iter().map(|m| m.name()).collect();
     names.join(", ")
@@ -142,6 +157,15 @@ impl Run {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
+        let ignored = ignored_out_keys(&config);
+        if !ignored.is_empty() {
+            tracing::warn!(
+                "{} set: `run` keeps every stage's files under {} (<stage>/), so these apply only to \
+                 the single-stage commands",
+                ignored.join(", "),
+                config.run.out_dir.display()
+            );
+        }
         Ok(Run {
             device: crate::runtime::resolve_device(spec)?,
             config,
@@ -487,6 +511,13 @@ mod tests {
             device: tch::Device::Cpu,
             threads: 1,
         }
+    }
+
+    #[test]
+    fn per_stage_out_keys_are_reported_as_ignored() {
+        assert!(ignored_out_keys(&run_of("").config).is_empty());
+        let c = run_of("[train]\nout = \"x\"\n[latent]\nout = \"y\"\n").config;
+        assert_eq!(ignored_out_keys(&c), ["latent.out", "train.out"]);
     }
 
     #[test]
