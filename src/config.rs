@@ -308,7 +308,8 @@ pub struct DataConfig {
     /// Training augmentation. Default `flip_crop`.
     pub augment: Augment,
     /// Evaluation: Resize(shorter side = eval_resize) → CenterCrop(size); 0 means `size` (images already at
-    /// `size` pass unchanged). ImageNet: 256 with size 224. Default 0.
+    /// `size` pass unchanged). ImageNet: 256 with size 224. An OOD set with `preprocess = "native"` skips
+    /// both steps. Default 0.
     pub eval_resize: usize,
     /// Per-channel mean on the 0..1 scale. Default CIFAR's `[125.3, 123.0, 113.9] / 255`.
     pub mean: Vec<f64>,
@@ -413,6 +414,8 @@ impl DataConfig {
     }
 
     /// The evaluation pipeline (ID test, OOD sets, validation, `score`, `serve`): Resize → CenterCrop.
+    /// Checkpoints store it; `eval` drops its Resize and CenterCrop for an OOD set with `preprocess =
+    /// "native"` ([`Pipeline::native`]).
     pub fn eval_pipeline(&self) -> Pipeline {
         let resize = if self.eval_resize == 0 {
             self.size
@@ -487,6 +490,21 @@ impl DataConfig {
                 return Err((
                     format!("{key}.holdout.fraction"),
                     format!("{} is not in (0, 1)", h.fraction),
+                ));
+            }
+            // The ID sets define what "in-distribution" looks like to the network: training, the bank,
+            // the ID test scores and the exported threshold all need the one transform the detector is
+            // trained and deployed with, so a per-set transform there would change the question.
+            if let Some(s) = src
+                && !s.preprocess.is_default()
+            {
+                return Err((
+                    format!("{key}.preprocess"),
+                    format!(
+                        "\"{}\" is only for OOD sets ([data.ood.<name>]); the ID sets always use the \
+                         evaluation transform (Resize → CenterCrop to size): remove the key",
+                        s.preprocess.name()
+                    ),
                 ));
             }
         }
@@ -878,6 +896,36 @@ mod tests {
         );
         d.id_blur.as_mut().unwrap().kernel = 4;
         assert_eq!(d.check().unwrap_err().0, "id_blur");
+    }
+
+    #[test]
+    fn native_preprocess_is_for_ood_sets_only() {
+        let ok = "[data]\ntest = { format = \"folder\", path = \"t\" }\n\
+                  ood.lsun = { format = \"folder\", path = \"l\", preprocess = \"native\" }\n";
+        let config = Config::parse(ok, Path::new("c.toml")).unwrap();
+        config.validate(ok, Path::new("c.toml")).unwrap();
+        assert_eq!(
+            config.data.ood["lsun"].preprocess,
+            crate::data::source::Preprocess::Native
+        );
+        assert!(config.data.test.as_ref().unwrap().preprocess.is_default());
+        for key in ["train", "test", "val"] {
+            let text = format!(
+                "[data]\n{key} = {{ format = \"folder\", path = \"t\", preprocess = \"native\" }}\n"
+            );
+            let msg = parse_err(&text);
+            assert!(
+                msg.starts_with(&format!(
+                    "c.toml:2: data.{key}.preprocess: \"native\" is only for OOD sets"
+                )),
+                "{msg}"
+            );
+        }
+        // Spelling the default out is allowed anywhere.
+        let text =
+            "[data]\ntest = { format = \"folder\", path = \"t\", preprocess = \"resize_crop\" }\n";
+        let config = Config::parse(text, Path::new("c.toml")).unwrap();
+        config.validate(text, Path::new("c.toml")).unwrap();
     }
 
     #[test]

@@ -264,6 +264,11 @@ fn image_folder(root: &Path, classes: usize, per_class: usize, style: u32) {
 
 /// A 3-class ResNet-18 detector checkpoint (formula-filled, head scaled so logits are O(1..10)).
 fn tiny_checkpoint(path: &Path, method: &str) {
+    tiny_checkpoint_with(path, method, Pipeline::cifar_test());
+}
+
+/// [`tiny_checkpoint`] with `eval_transform` as its evaluation transform.
+fn tiny_checkpoint_with(path: &Path, method: &str, eval_transform: Pipeline) {
     let (vs, _net) = filled_resnet18(3);
     tch::no_grad(|| {
         for (name, mut t) in vs.variables() {
@@ -284,7 +289,7 @@ fn tiny_checkpoint(path: &Path, method: &str) {
         "detector",
         spec,
         vec!["a".into(), "b".into(), "c".into()],
-        Pipeline::cifar_test(),
+        eval_transform,
     );
     info.extra.insert("method".into(), method.into());
     checkpoint::save(path, &vs, &info).unwrap();
@@ -630,4 +635,141 @@ fn eval_refuses_a_checkpoint_without_a_classifier_head() {
         err.contains("latent.safetensors") && err.contains("head `trans`"),
         "{err}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// `preprocess = "native"` on an OOD set (SPEC §5.3: the official CIFAR-100 script feeds LSUN-C and iSUN at
+// their own size, 36×36 for the ODIN release's LSUN-C).
+
+/// A `w`×`h` RGB PNG at `path`, pixels from a closed formula of (position, `seed`).
+fn write_png(path: &Path, w: u32, h: u32, seed: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let v = |ch: u32| {
+            let t = (x * (3 + ch) + y * (5 + seed) + ch * 17 + seed * 29) as f64;
+            ((t * 0.23).sin() * 100.0 + 128.0 + 20.0 * ch as f64).clamp(0.0, 255.0) as u8
+        };
+        image::Rgb([v(0), v(1), v(2)])
+    })
+    .save(path)
+    .unwrap();
+}
+
+/// A run folder for the `native` tests: 3-class ID test images at 16 px, a checkpoint whose evaluation
+/// transform is the CIFAR one with Resize(32) → CenterCrop(32) (`[data]` defaults), and `ood` as the
+/// config's OOD tables. Every image is scored (`full` protocol), with max_logit and energy.
+fn native_setup(ood: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    image_folder(&d.join("id_test"), 3, 2, 0);
+    std::fs::create_dir_all(d.join("run/train/dream_ood")).unwrap();
+    let eval_transform = dream_ood::config::DataConfig::default().eval_pipeline();
+    assert_eq!(eval_transform.transforms.len(), 2, "Resize → CenterCrop");
+    tiny_checkpoint_with(
+        &d.join("run/train/dream_ood/model.safetensors"),
+        "tiny",
+        eval_transform,
+    );
+    let config = format!(
+        "[run]\nout_dir = \"run\"\ndevice = \"cpu\"\nthreads = 1\n\n\
+         [data]\ntest = {{ format = \"folder\", path = \"id_test\" }}\n{ood}\n\
+         [eval]\nprotocol = \"full\"\nscores = [\"max_logit\", \"energy\"]\nplots = false\n"
+    );
+    std::fs::write(d.join("config.toml"), config).unwrap();
+    dir
+}
+
+/// A `native` set of 36×36 images is scored at 36×36: its max-logit scores equal a forward pass through
+/// the checkpoint's network on the normalised 36×36 pixels (computed here from the PNGs, without the
+/// data layer), and differ from the same images through the checkpoint's Resize(32) → CenterCrop(32).
+#[test]
+fn eval_scores_a_native_set_at_its_own_size() {
+    let dir = native_setup(
+        "ood.lsun_native = { format = \"folder\", path = \"lsun\", preprocess = \"native\" }\n\
+         ood.lsun_resized = { format = \"folder\", path = \"lsun\" }\n",
+    );
+    let d = dir.path();
+    let files: Vec<PathBuf> = (0..4)
+        .map(|k| d.join(format!("lsun/class0/{k:03}.png")))
+        .collect();
+    for (k, f) in files.iter().enumerate() {
+        write_png(f, 36, 36, k as u32);
+    }
+    let out = run_clean(d, &["eval", "config.toml"], &[]);
+    assert!(out.status.success(), "stderr: {}", stderr(&out));
+    let out_dir = d.join("run/eval");
+
+    // The expected scores: ToTensor + Normalize(CIFAR) by hand, [4, 3, 36, 36], through the network.
+    let n = dream_ood::data::transforms::Normalize::cifar();
+    let mut pixels = Vec::new();
+    for f in &files {
+        let img = image::open(f).unwrap().to_rgb8();
+        for ch in 0..3 {
+            for p in img.pixels() {
+                let x = p[ch] as f32 / 255.0;
+                pixels.push((x - n.mean[ch] as f32) / n.std[ch] as f32);
+            }
+        }
+    }
+    let x = Tensor::from_slice(&pixels).view([4, 3, 36, 36]);
+    let ckpt = d.join("run/train/dream_ood/model.safetensors");
+    let info = checkpoint::read_info(&ckpt).unwrap();
+    let mut vs = tch::nn::VarStore::new(Device::Cpu);
+    let net = info.network.build(&vs.root());
+    checkpoint::load_into(&ckpt, &mut vs).unwrap();
+    let logits = tch::no_grad(|| net.head(&net.features(&x, false))); // [4, 3]
+    let want = values(&logits.max_dim(1, false).0);
+
+    let scores =
+        |set: &str| read_scores(&out_dir.join(format!("scores/tiny/max_logit/{set}.npy"))).unwrap();
+    let native = scores("lsun_native");
+    assert_close("native max_logit", &native, &want);
+    let resized = scores("lsun_resized");
+    assert_eq!(resized.len(), 4);
+    let gap = native
+        .iter()
+        .zip(&resized)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        gap > 1e-3,
+        "resize_crop gave the native scores: {native:?} vs {resized:?}"
+    );
+
+    // The report says which set was scored how.
+    let json = read_json(&out_dir.join("metrics.json"));
+    let sets = json["ood_sets"].as_array().unwrap();
+    let set = |name: &str| sets.iter().find(|s| s["name"] == name).unwrap();
+    assert_eq!(set("lsun_native")["preprocess"], "native");
+    assert!(set("lsun_resized").get("preprocess").is_none());
+    let md = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(
+        md.contains("| lsun_native |") && md.contains("| native size (no resize, no crop) |"),
+        "{md}"
+    );
+}
+
+/// Images of two sizes in one batch of a `native` set: exit 2 with the set, both files and both sizes.
+#[test]
+fn eval_native_set_of_mixed_sizes_is_a_clear_error() {
+    let dir = native_setup(
+        "ood.mixed = { format = \"folder\", path = \"mixed\", preprocess = \"native\" }\n",
+    );
+    let d = dir.path();
+    write_png(&d.join("mixed/class0/000.png"), 36, 36, 0);
+    write_png(&d.join("mixed/class0/001.png"), 40, 36, 1);
+    let out = run_clean(d, &["eval", "config.toml"], &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    for needle in [
+        "data.ood.mixed (preprocess = \"native\"",
+        "resize_crop",
+        "001.png after the transforms",
+        "first image",
+        "000.png",
+        "expected shape 3×36×36, got 3×36×40",
+    ] {
+        assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
 }

@@ -256,18 +256,20 @@ impl Job {
             }
         }
         self.summary.lock().map(|mut s| s.loaded += rows.len()).ok();
-        let Some((_, first, _)) = rows.first() else {
+        let Some((first_index, first, _)) = rows.first() else {
             return Ok(None);
         };
         let (c, h, w) = (first.channels, first.height, first.width);
         let mut data = Vec::with_capacity(rows.len() * c * h * w);
         for (index, chw, _) in &rows {
             if (chw.channels, chw.height, chw.width) != (c, h, w) {
+                // Name both images: the user has to find out which of them is the odd one.
                 return Err(Error::Shape {
                     what: format!(
-                        "{} after the transforms (all images in a batch must have one size; add Resize or \
-                         CenterCrop)",
-                        self.dataset.describe(*index)
+                        "{} after the transforms (all images in a batch must have one size, that of its \
+                         first image {}; a Resize or CenterCrop step makes them so)",
+                        self.dataset.describe(*index),
+                        self.dataset.describe(*first_index)
                     ),
                     expected: format!("{c}×{h}×{w}"),
                     got: format!("{}×{}×{}", chw.channels, chw.height, chw.width),
@@ -530,7 +532,13 @@ mod tests {
             .unwrap()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("toy/1.png") && err.contains("Resize"), "{err}");
+        assert!(
+            err.contains("toy/1.png after the transforms")
+                && err.contains("first image toy/0.png")
+                && err.contains("expected shape 1×5×6, got 1×5×5")
+                && err.contains("Resize"),
+            "{err}"
+        );
     }
 
     #[test]

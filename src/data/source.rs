@@ -10,6 +10,7 @@
 //! classes = [0, 1, 2, 3, 4, 5]       # optional: keep these labels, renumbered 0.. in this order
 //! holdout = { fraction = 0.1, seed = 0, part = "rest" }   # optional: a seeded split (see Holdout)
 //! limit = { count = 2000, seed = 1 } # optional: a seeded random subset of at most `count` samples
+//! preprocess = "native"              # [data.ood.<name>] only: see Preprocess (default "resize_crop")
 //! ```
 //!
 //! A view never copies images: it is a list of indices into the opened source, so a 50,000-image CIFAR
@@ -98,6 +99,41 @@ pub struct Limit {
     pub seed: u64,
 }
 
+/// How evaluation turns an OOD set's images into network inputs (`preprocess`).
+///
+/// Only `[data.ood.<name>]` tables may set it: the ID sets (`train`, `test`, `val`) always go through the
+/// transform the network was trained and is deployed with, so `DataConfig::check` refuses `native` there.
+/// Only `dream-ood eval` reads it; the export stage's sample images are scored through the exported
+/// detector's own transform, as `dream-ood score` would score those files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preprocess {
+    /// The checkpoint's evaluation transform: Resize(shorter side) → CenterCrop(size) → Normalize. The
+    /// official CIFAR-100 script does this for Textures and Places365.
+    #[default]
+    ResizeCrop,
+    /// No resize and no crop: channel conversion and the checkpoint's normalisation only, so each image
+    /// reaches the network at its own size (the official CIFAR-100 script's LSUN-C, iSUN and SVHN,
+    /// `scripts/test_ood_cifar100.py:L234-285`, SPEC §5.3). Images batched together must share one size.
+    Native,
+}
+
+impl Preprocess {
+    /// The config spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preprocess::ResizeCrop => "resize_crop",
+            Preprocess::Native => "native",
+        }
+    }
+
+    /// Whether this is the default (left out when a source is written back, so that configs without the
+    /// key keep their run fingerprints).
+    pub fn is_default(&self) -> bool {
+        *self == Preprocess::ResizeCrop
+    }
+}
+
 /// A dataset as a config names it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -128,6 +164,9 @@ pub struct DataSource {
     /// Generated sets: the seed of every draw. Default 0.
     #[serde(default)]
     pub seed: u64,
+    /// OOD sets in evaluation: `resize_crop` (default) or `native` ([`Preprocess`]).
+    #[serde(default, skip_serializing_if = "Preprocess::is_default")]
+    pub preprocess: Preprocess,
 }
 
 impl DataSource {
@@ -145,6 +184,7 @@ impl DataSource {
             side: None,
             variants: None,
             seed: 0,
+            preprocess: Preprocess::ResizeCrop,
         }
     }
 
@@ -481,5 +521,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("splitt"), "{err}");
+    }
+
+    #[test]
+    fn preprocess_defaults_to_resize_crop_and_is_written_only_when_set() {
+        let plain: DataSource = toml::from_str("format = \"folder\"\npath = \"x\"\n").unwrap();
+        assert_eq!(plain.preprocess, Preprocess::ResizeCrop);
+        assert_eq!(plain, DataSource::new(Format::Folder, "x"));
+        // Written back without the key, so fingerprints of configs that do not set it stay as they were.
+        assert!(!toml::to_string(&plain).unwrap().contains("preprocess"));
+        let native: DataSource =
+            toml::from_str("format = \"folder\"\npath = \"x\"\npreprocess = \"native\"\n").unwrap();
+        assert_eq!(native.preprocess, Preprocess::Native);
+        assert_eq!(native.preprocess.name(), "native");
+        assert!(
+            toml::to_string(&native)
+                .unwrap()
+                .contains("preprocess = \"native\"")
+        );
+        let err = toml::from_str::<DataSource>(
+            "format = \"folder\"\npath = \"x\"\npreprocess = \"resize\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("resize_crop") && err.contains("native"),
+            "{err}"
+        );
     }
 }

@@ -243,6 +243,32 @@ impl Pipeline {
         }
     }
 
+    /// This pipeline without the steps that set the output size (Resize, CenterCrop and the random
+    /// crops): channel conversion, the other steps and the normalisation stay, so every image keeps its
+    /// own size. `eval` uses it for an OOD set with `preprocess = "native"` (ToTensor + Normalize only,
+    /// as the official CIFAR-100 test script feeds LSUN-C and iSUN, SPEC §5.3).
+    pub fn native(&self) -> Self {
+        let sets_size = |t: &Transform| {
+            matches!(
+                t,
+                Transform::Resize(_)
+                    | Transform::CenterCrop { .. }
+                    | Transform::RandomCrop { .. }
+                    | Transform::RandomResizedCrop { .. }
+            )
+        };
+        Self {
+            channels: self.channels,
+            transforms: self
+                .transforms
+                .iter()
+                .filter(|t| !sets_size(t))
+                .cloned()
+                .collect(),
+            normalize: self.normalize.clone(),
+        }
+    }
+
     /// Checks the settings once, so that applying can only fail on the image itself.
     pub fn validate(&self) -> Result<()> {
         let bad = |key: &str, msg: String| {
@@ -928,6 +954,39 @@ mod tests {
         let out = apply_one(&t, img.clone(), &mut Fixed(vec![0.5, 1.5])).unwrap();
         assert_eq!(out, gaussian_blur(&img, 3, 1.5).unwrap());
         assert_ne!(out, img);
+    }
+
+    #[test]
+    fn native_keeps_the_size_and_the_normalisation() {
+        let eval = Pipeline::imagenet_test(36, 32);
+        let native = eval.native();
+        assert!(native.transforms.is_empty());
+        assert_eq!(native.normalize, eval.normalize);
+        assert_eq!(native.channels, 3);
+        // Non-geometric steps stay, in order.
+        let mut p = Pipeline::cifar_outliers();
+        p.transforms.insert(1, Transform::Grayscale);
+        assert_eq!(
+            p.native().transforms,
+            [
+                Transform::Grayscale,
+                Transform::RandomHorizontalFlip { p: 0.5 }
+            ]
+        );
+        // A 36×36 image comes out 36×36 (and 32×32 through the evaluation transform).
+        let img =
+            RawImage::new(36, 36, 1, (0..36 * 36).map(|v| (v % 251) as u8).collect()).unwrap();
+        let mut none = Fixed(vec![]);
+        let out = native.apply(img.clone(), &mut none).unwrap();
+        assert_eq!((out.channels, out.height, out.width), (3, 36, 36));
+        let want = to_tensor(
+            &img.clone().to_channels(3).unwrap(),
+            eval.normalize.as_ref(),
+        )
+        .unwrap();
+        assert_eq!(out, want);
+        let cut = eval.apply(img, &mut none).unwrap();
+        assert_eq!((cut.height, cut.width), (32, 32));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! For each checkpoint: rebuild its network from its [`CheckpointInfo`], load the weights, and run it with
 //! **its own** evaluation transform over (1) a seeded subset of the ID training set, when a fitted score is
-//! asked for, (2) the ID test set, (3) each OOD set, the paper's seeded fifth or all of it. Then fit the
+//! asked for, (2) the ID test set, (3) each OOD set, the paper's seeded fifth or all of it; an OOD set with
+//! `preprocess = "native"` skips the transform's Resize and CenterCrop and is scored at its own image size,
+//! as the official CIFAR-100 script scores LSUN-C and iSUN (SPEC §5.3). Then fit the
 //! fitted scores, score every set, compute the metrics per OOD set and their mean, and write:
 //!
 //! ```text
@@ -28,8 +30,8 @@ use super::scores::{
     Head, ScoreKind, knn::Knn, logit, mahalanobis::Mahalanobis, odin, react::React, vim,
 };
 use crate::config::{Config, DataConfig};
-use crate::data::source::{Limit, View};
-use crate::data::{DataSource, Dataset, OnError};
+use crate::data::source::{Limit, Preprocess, View};
+use crate::data::{DataSource, Dataset, OnError, Pipeline};
 use crate::files::write_atomic;
 use crate::nn::{CheckpointInfo, ResNetWithHead, checkpoint};
 use crate::progress::Progress;
@@ -134,6 +136,42 @@ struct OpenSet {
     on_error: OnError,
 }
 
+impl OpenSet {
+    /// The pipeline this set is run through: the checkpoint's evaluation transform, or, for a `native`
+    /// set, the same without its size-setting steps.
+    fn pipeline(&self, eval_transform: &Pipeline) -> Pipeline {
+        match self.info.preprocess {
+            Preprocess::ResizeCrop => eval_transform.clone(),
+            Preprocess::Native => eval_transform.native(),
+        }
+    }
+
+    /// Names the set in a batch-size error of a `native` set (its images differ in size), with the fix;
+    /// other errors pass unchanged.
+    fn explain(&self, e: Error) -> Error {
+        match (self.info.preprocess, e) {
+            (
+                Preprocess::Native,
+                Error::Shape {
+                    what,
+                    expected,
+                    got,
+                },
+            ) => Error::Shape {
+                what: format!(
+                    "data.ood.{} (preprocess = \"native\": images keep their own size, so a batch needs \
+                     one size; set preprocess = \"resize_crop\" for a set of mixed sizes, or eval.batch_size \
+                     = 1): {what}",
+                    self.info.name
+                ),
+                expected,
+                got,
+            },
+            (_, e) => e,
+        }
+    }
+}
+
 fn open_set(name: &str, src: &DataSource, subset: Option<(usize, u64)>) -> Result<OpenSet> {
     let full = src.open()?;
     let available = full.len();
@@ -151,6 +189,7 @@ fn open_set(name: &str, src: &DataSource, subset: Option<(usize, u64)>) -> Resul
             available,
             used: data.len(),
             subset_seed,
+            preprocess: src.preprocess,
         },
         data,
         on_error: src.on_error,
@@ -267,6 +306,9 @@ fn create_dir(path: &Path) -> Result<()> {
 
 /// Checks the config for what evaluation needs, before any work.
 fn check_job(job: &EvalJob) -> Result<()> {
+    if let Err((field, msg)) = job.data.check() {
+        return Err(invalid(&format!("data.{field}"), msg));
+    }
     if job.data.test.is_none() {
         return Err(invalid(
             "data.test",
@@ -350,6 +392,7 @@ pub fn run(job: &EvalJob, progress: &dyn Progress) -> Result<EvalReport> {
             set = name.as_str(),
             images = set.info.used,
             of = set.info.available,
+            preprocess = src.preprocess.name(),
             "OOD set"
         );
         oods.push(set);
@@ -459,7 +502,8 @@ struct Passes {
 }
 
 /// Runs the network over the fit subset, the ID test set and each OOD set (with the ODIN pass on the
-/// scored sets when ODIN is asked for), with the checkpoint's evaluation transform.
+/// scored sets when ODIN is asked for), with the checkpoint's evaluation transform (without its Resize and
+/// CenterCrop for a `native` OOD set; ODIN's input-space step uses the same normalisation either way).
 fn collect_passes(
     job: &EvalJob,
     method: &str,
@@ -492,7 +536,9 @@ fn collect_passes(
             odin,
         };
         let stage = format!("eval {method} {}", set.info.name);
-        collect(net, set.data.clone(), pipeline, &opts, progress, &stage)
+        let pipeline = set.pipeline(pipeline);
+        collect(net, set.data.clone(), &pipeline, &opts, progress, &stage)
+            .map_err(|e| set.explain(e))
     };
     let fit = fit.map(|f| run(f, None)).transpose()?;
     let id = run(test, odin.clone())?;

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::config::EvalConfig;
 use super::metrics::Metrics;
 use super::scores::ScoreKind;
+use crate::data::source::Preprocess;
 
 /// A dataset as evaluation used it.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +28,10 @@ pub struct SetInfo {
     /// Seed of the subset, when one was drawn.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subset_seed: Option<u64>,
+    /// How its images became network inputs (`native`: at their own size); written only when not the
+    /// checkpoint's transform.
+    #[serde(skip_serializing_if = "Preprocess::is_default")]
+    pub preprocess: Preprocess,
 }
 
 /// The unweighted mean of the metrics over the OOD sets (as the paper and OpenOOD average).
@@ -216,11 +221,15 @@ impl EvalReport {
             self.seed,
             self.device
         );
-        md.push_str("\n| OOD set | path | images | scored |\n|---|---|---:|---:|\n");
+        md.push_str("\n| OOD set | path | images | scored | input |\n|---|---|---:|---:|---|\n");
         for o in &self.ood_sets {
+            let input = match o.preprocess {
+                Preprocess::ResizeCrop => "evaluation transform",
+                Preprocess::Native => "native size (no resize, no crop)",
+            };
             let _ = writeln!(
                 md,
-                "| {} | `{}` | {} | {} |",
+                "| {} | `{}` | {} | {} | {input} |",
                 o.name,
                 o.path.display(),
                 o.available,

@@ -1,7 +1,8 @@
 //! The end of the `export` stage: a few images of the ID test set and of each OOD set, written as PNG and
 //! scored with the exported `detector.onnx` exactly as `dream-ood score` scores files (decode, the
 //! detector's own transform, ONNX Runtime). It shows the production path working on the run's own data,
-//! and what a user would see from it.
+//! and what a user would see from it. An OOD set's `preprocess = "native"` does not apply here: the images
+//! go through the detector's own transform, as `dream-ood score` would put those files through it.
 //!
 //! `samples/<set>/<k>.png`, `samples/scores.csv` (the columns of `dream-ood score --format csv`) and
 //! `samples/summary.json`: per set, how many images were scored and how many were flagged OOD.
