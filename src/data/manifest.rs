@@ -6,6 +6,10 @@
 //! skipped. A line that does not parse, or lacks a field, is an error naming the line: a broken manifest
 //! means a broken run, not a bad image. Images are decoded on demand, so a corrupt or missing PNG falls
 //! under the loader's [`super::OnError`].
+//!
+//! The images are taken in path order, not line order: stage 3's parallel workers append lines as their
+//! batches finish, so two generations of the same plan write the same files in different line orders, and
+//! a dataset in line order would give a seeded training run a different sample order each time.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -43,8 +47,7 @@ impl GeneratedFolder {
         };
         let root = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
         let text = std::fs::read_to_string(&manifest).map_err(|e| Error::io(&manifest, e))?;
-        let mut files = Vec::new();
-        let mut labels = Vec::new();
+        let mut entries: Vec<(String, i64)> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
                 continue;
@@ -73,9 +76,14 @@ impl GeneratedFolder {
                     entry.path
                 )));
             }
-            files.push(root.join(rel));
-            labels.push(entry.class);
+            entries.push((entry.path, entry.class));
         }
+        // Path order (see the module docs); a stable sort keeps repeated paths in line order.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let (files, labels) = entries
+            .into_iter()
+            .map(|(rel, class)| (root.join(rel), class))
+            .unzip();
         Ok(Self {
             root,
             files,
@@ -88,7 +96,7 @@ impl GeneratedFolder {
         &self.root
     }
 
-    /// The image files, in manifest order.
+    /// The image files, in path order.
     pub fn files(&self) -> &[PathBuf] {
         &self.files
     }
@@ -142,6 +150,47 @@ mod tests {
         assert_eq!(ds.get(1).unwrap().data(), &[1, 2, 3]);
         let same = GeneratedFolder::open(&dir.path().join(MANIFEST)).unwrap();
         assert_eq!(same.files(), ds.files());
+    }
+
+    #[test]
+    fn images_come_in_path_order_whatever_the_line_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = [
+            r#"{"file": "1/0000003.png", "class_index": 1}"#,
+            r#"{"file": "0/0000000.png", "class_index": 0}"#,
+            r#"{"file": "1/0000001.png", "class_index": 1}"#,
+            r#"{"file": "0/0000002.png", "class_index": 0}"#,
+        ];
+        let open = |order: &[usize]| {
+            let text: Vec<&str> = order.iter().map(|&i| entries[i]).collect();
+            std::fs::write(dir.path().join(MANIFEST), text.join("\n")).unwrap();
+            let ds = GeneratedFolder::open(dir.path()).unwrap();
+            let labels: Vec<i64> = (0..ds.len()).map(|i| ds.label(i)).collect();
+            (ds.files().to_vec(), labels)
+        };
+        let (files, labels) = open(&[0, 1, 2, 3]);
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| {
+                f.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "0/0000000.png",
+                "0/0000002.png",
+                "1/0000001.png",
+                "1/0000003.png"
+            ]
+        );
+        assert_eq!(labels, [0, 0, 1, 1]);
+        assert_eq!(open(&[3, 2, 1, 0]), (files.clone(), labels.clone()));
+        assert_eq!(open(&[2, 0, 3, 1]), (files, labels));
     }
 
     #[test]
