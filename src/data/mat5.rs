@@ -51,7 +51,18 @@ pub(crate) struct Variable {
     pub real: Option<Numeric>,
 }
 
+/// `mxDOUBLE_CLASS`, the first numeric array class; `mxUINT64_CLASS` (15) is the last.
+const MX_DOUBLE: u8 = 6;
+/// `mxUINT8_CLASS`.
+pub(crate) const MX_UINT8: u8 = 9;
+const MX_UINT64: u8 = 15;
+
 impl Variable {
+    /// Whether the class is a numeric array (double, single or an integer type).
+    pub fn is_numeric(&self) -> bool {
+        (MX_DOUBLE..=MX_UINT64).contains(&self.class)
+    }
+
     /// The class as MATLAB's `class()` names it.
     pub fn class_name(&self) -> &'static str {
         match self.class {

@@ -63,7 +63,7 @@ impl SvhnMat {
 
         let shape = |v: &Variable| format!("{} {:?}", v.class_name(), v.dims);
         let (height, width, n) = match x.dims[..] {
-            [h, w, 3, n] if x.class == 9 && !x.complex => (h, w, n),
+            [h, w, 3, n] if x.class == mat5::MX_UINT8 && !x.complex => (h, w, n),
             _ => {
                 return Err(bad(format!(
                     "`X` is {}{}; expected uint8 [H, W, 3, N] (SVHN's is [32, 32, 3, N])",
@@ -77,7 +77,7 @@ impl SvhnMat {
             .into_u8()
             .map_err(|m| bad(format!("`X`: {m}")))?;
 
-        if !(6..=15).contains(&y.class) || y.complex || y.numel() != Some(n) {
+        if !y.is_numeric() || y.complex || y.numel() != Some(n) {
             return Err(bad(format!(
                 "`y` is {}{}; expected {n} real labels, one per image of `X`",
                 if y.complex { "complex " } else { "" },
